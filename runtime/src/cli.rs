@@ -1,0 +1,116 @@
+//! Argument types and entry points of the `outpost-runtime` subcommands.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Model file: .onnx, .tflite, or a signed .outpost bundle (with --trust).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Root public key to verify a signed .outpost bundle against.
+    #[arg(long)]
+    pub trust: Option<PathBuf>,
+    /// Address to listen on (port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// Worker threads that parse requests and run the model (default: number of cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Largest request body in bytes; larger ones are answered 413 unread.
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    pub max_body: usize,
+    /// Requests waiting for a worker before new ones are shed with 503 + Retry-After.
+    #[arg(long, default_value_t = 256)]
+    pub queue: usize,
+    /// Dynamic batching window in microseconds: how long the first request
+    /// of a batch waits for others (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub batch_window_us: u64,
+    /// Most samples one batched run takes.
+    #[arg(long, default_value_t = 32)]
+    pub max_batch: usize,
+    /// Seconds a client may stall mid-request (or idle on a keep-alive connection).
+    #[arg(long, default_value_t = 30)]
+    pub io_timeout_secs: u64,
+}
+
+pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    use outpost_runtime::server::{ModelSlot, Server, ServerConfig};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    let started = Instant::now();
+    let config = ServerConfig {
+        listen: args.listen.clone(),
+        threads: args.threads.unwrap_or(0),
+        max_body_bytes: args.max_body,
+        queue_capacity: args.queue,
+        batch_window: Duration::from_micros(args.batch_window_us),
+        max_batch: args.max_batch,
+        io_timeout: Duration::from_secs(args.io_timeout_secs),
+        ..ServerConfig::default()
+    };
+    let deployed = load_for_serving(&args)?;
+    let info = deployed.info().clone();
+    let server = Server::start(config, Arc::new(ModelSlot::with(deployed)))
+        .with_context(|| format!("serving on {}", args.listen))?;
+    log::info!(
+        "serving {} {} (sha256 {}) on http://{}, ready {:.1} ms after start",
+        info.name,
+        info.version,
+        &info.sha256[..12],
+        server.local_addr(),
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    server.wait();
+    Ok(())
+}
+
+/// Loads the model to serve: a plain model file as it is, a signed bundle
+/// only after verifying it (signature, certificate, expiry, digest, the
+/// model's signature against the manifest, the self-test). The standalone
+/// server keeps no record of what it accepted before, so it cannot refuse a
+/// replayed older bundle; the agent, which does, checks that too.
+fn load_for_serving(args: &ServeArgs) -> anyhow::Result<outpost_runtime::server::Deployed> {
+    use outpost_runtime::bundle::{open_verified, Freshness, TrustRoot, VerifyOptions};
+    use outpost_runtime::drift::{DriftMonitor, MonitorConfig};
+    use outpost_runtime::server::{Deployed, ModelInfo};
+    use std::sync::Arc;
+
+    let path = &args.model;
+    let is_bundle = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("outpost"));
+    if !is_bundle {
+        if args.trust.is_some() {
+            anyhow::bail!("--trust verifies signed .outpost bundles; {} is a plain model file", path.display());
+        }
+        return Deployed::load_file(path, &Default::default()).with_context(|| format!("loading {}", path.display()));
+    }
+    let Some(trust) = &args.trust else {
+        anyhow::bail!("{} is a signed bundle: pass --trust ROOT.pub to verify it", path.display());
+    };
+    let root = TrustRoot::read_file(trust).with_context(|| format!("reading trust root {}", trust.display()))?;
+    let verified = open_verified(path, &root, &VerifyOptions::new(Freshness::NothingAcceptedYet), &Default::default())
+        .with_context(|| format!("opening {}", path.display()))?;
+    let manifest = &verified.header.value;
+    let info = ModelInfo {
+        name: manifest.name.clone(),
+        version: manifest.version.clone(),
+        sha256: manifest.model_sha256.to_hex(),
+        format: manifest.model_format.into(),
+        size_bytes: manifest.model_size,
+        signer: Some(verified.header.signer.to_string()),
+    };
+    let reference = Arc::new(manifest.reference.clone());
+    let deployed = Deployed::new(verified.model, info);
+    // The reference travels signed with the model; one that does not fit
+    // its own model means a broken bundle, so refuse it like one.
+    match DriftMonitor::new(reference, MonitorConfig::default()) {
+        Ok(monitor) => match deployed.with_drift(Arc::new(monitor)) {
+            Ok(d) => Ok(d),
+            Err(e) => anyhow::bail!("the bundle's drift reference does not fit its model: {e}"),
+        },
+        Err(e) => anyhow::bail!("the bundle's drift reference is unusable: {e}"),
+    }
+}

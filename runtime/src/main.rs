@@ -1,0 +1,32 @@
+//! `outpost-runtime`: the standalone device model server and its tools.
+//! A thin binary: every subcommand is a call into the library.
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "outpost-runtime", version, about = "Run ONNX and TFLite models on a device and serve a local predict API")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve a model over HTTP (seed-style /predict, Open Inference Protocol v2, /metrics).
+    Serve(cli::ServeArgs),
+}
+
+mod cli;
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => cli::serve(args),
+    };
+    if let Err(e) = result {
+        // One line with the whole cause chain: what failed and why.
+        eprintln!("outpost-runtime: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,381 @@
+//! Model loading and inference.
+//!
+//! A [`Model`] is loaded, optimized and warmed up once, then run many times
+//! from any number of threads. Loading goes past what tract reads on its own
+//! where users need it:
+//!
+//! - ONNX exported by skl2onnx: the `ai.onnx.ml` operators tract lacks
+//!   (`Scaler`, `ZipMap`, `Imputer`, `Binarizer`) are registered through
+//!   tract-onnx's public op register, see [`onnx_ml`].
+//! - TFLite as the converter publishes it: float16 constants, quantize and
+//!   dequantize ops at the edges, and `PRELU` are rewritten before tract sees
+//!   the flatbuffer, see [`tflite`].
+//!
+//! Input facts come from the model itself. A dimension the model leaves free
+//! becomes a symbol, so one loaded model serves batch 1 and batch N. A model
+//! whose batch is fixed at 1 (common in TFLite) is run row by row when given
+//! a larger batch, so callers never need to know the difference.
+
+mod convert;
+pub mod onnx;
+pub mod onnx_ml;
+pub mod tflite;
+mod tflite_rewrite;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use tract_onnx::prelude::*;
+
+use crate::tensor::{ElementType, ModelSignature, TensorData, TensorSpec, TensorValues};
+
+pub use convert::{EdgeQuantization, InputAdapter, OutputAdapter};
+
+type Plan = TypedSimplePlan;
+type State = TypedSimpleState;
+
+/// Model file formats Outpost loads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum ModelFormat {
+    Onnx,
+    Tflite,
+}
+
+impl ModelFormat {
+    /// The format a file name's extension says (`.onnx`, `.tflite`).
+    pub fn from_path(path: &Path) -> Option<ModelFormat> {
+        match path.extension()?.to_str()?.to_ascii_lowercase().as_str() {
+            "onnx" => Some(ModelFormat::Onnx),
+            "tflite" => Some(ModelFormat::Tflite),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelFormat::Onnx => "onnx",
+            ModelFormat::Tflite => "tflite",
+        }
+    }
+}
+
+/// How to load a model.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Run tract's optimizer (declutter + kernel selection). Only worth
+    /// turning off to debug tract itself.
+    pub optimize: bool,
+    /// Run one inference on zeros after loading so the first real request
+    /// does not pay for lazy initialisation (and so a model that loads but
+    /// cannot run is refused at start, not at the first request).
+    pub warm_up: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { optimize: true, warm_up: true }
+    }
+}
+
+/// Why a model was refused at load time. Messages carry tract's own reason.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read model file {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("cannot tell the model format of {0}: expected a .onnx or .tflite file")]
+    UnknownFormat(String),
+    #[error("not a valid {format} model: {reason}")]
+    Parse { format: &'static str, reason: String },
+    #[error("operator {op} (node {node:?}) is not supported by this runtime")]
+    UnsupportedOperator { op: String, node: String },
+    #[error("model cannot be prepared for inference: {reason}")]
+    Prepare { reason: String },
+    #[error("{what} {name:?} has element type {element_type}, which Outpost does not exchange")]
+    UnsupportedType { what: &'static str, name: String, element_type: String },
+    #[error("warm-up inference failed: {0}")]
+    WarmUp(String),
+}
+
+/// Why one inference call failed. Every variant is the caller's input
+/// except [`RunError::Inference`].
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("model takes {expected} input(s), got {got}")]
+    InputCount { expected: usize, got: usize },
+    #[error("input {name:?}: expected element type {expected}, got {got}")]
+    ElementType { name: String, expected: ElementType, got: ElementType },
+    #[error("input {name:?}: expected shape {expected}, got {got:?}")]
+    Shape { name: String, expected: String, got: Vec<usize> },
+    #[error("inference failed: {0}")]
+    Inference(String),
+}
+
+impl RunError {
+    /// Whether the error is the caller's fault (bad input) rather than the model's.
+    pub fn is_input_error(&self) -> bool {
+        !matches!(self, RunError::Inference(_))
+    }
+
+    /// The input the error is about, if any.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            RunError::ElementType { name, .. } | RunError::Shape { name, .. } => Some(name),
+            _ => None,
+        }
+    }
+}
+
+/// A loaded, optimized model, ready to run from many threads.
+pub struct Model {
+    plan: Arc<Plan>,
+    signature: ModelSignature,
+    inputs: Vec<InputAdapter>,
+    outputs: Vec<OutputAdapter>,
+    format: ModelFormat,
+    /// Whether the model's graph takes a free batch dimension on every input.
+    /// If not, batches are run row by row.
+    native_batch: bool,
+    /// Reusable tract states: allocating one per call costs more than a small
+    /// model's inference. The lock is held only to pop or push.
+    states: Mutex<Vec<State>>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("format", &self.format)
+            .field("signature", &self.signature)
+            .finish()
+    }
+}
+
+impl Model {
+    /// Loads a `.onnx` or `.tflite` file (format from the extension).
+    pub fn load(path: impl AsRef<Path>, options: &LoadOptions) -> Result<Model, LoadError> {
+        let path = path.as_ref();
+        let format = ModelFormat::from_path(path)
+            .ok_or_else(|| LoadError::UnknownFormat(path.display().to_string()))?;
+        let bytes = std::fs::read(path)
+            .map_err(|source| LoadError::Io { path: path.display().to_string(), source })?;
+        Model::from_bytes(&bytes, format, options)
+    }
+
+    /// Loads a model from its file contents.
+    pub fn from_bytes(
+        bytes: &[u8],
+        format: ModelFormat,
+        options: &LoadOptions,
+    ) -> Result<Model, LoadError> {
+        let prepared = match format {
+            ModelFormat::Onnx => onnx::load(bytes)?,
+            ModelFormat::Tflite => tflite::load(bytes)?,
+        };
+        let typed = if options.optimize {
+            prepared.model.into_optimized()
+        } else {
+            prepared.model.into_decluttered()
+        }
+        .map_err(|e| LoadError::Prepare { reason: format!("{e:#}") })?;
+        Model::from_typed(typed, format, prepared.inputs, prepared.outputs, options)
+    }
+
+    fn from_typed(
+        typed: TypedModel,
+        format: ModelFormat,
+        mut inputs: Vec<InputAdapter>,
+        mut outputs: Vec<OutputAdapter>,
+        options: &LoadOptions,
+    ) -> Result<Model, LoadError> {
+        let input_count = typed.inputs.len();
+        let output_count = typed.outputs.len();
+        inputs.resize(input_count, InputAdapter::Direct);
+        outputs.resize(output_count, OutputAdapter::Direct);
+        let mut input_specs = Vec::with_capacity(input_count);
+        for (ix, outlet) in typed.inputs.iter().enumerate() {
+            let fact = typed.outlet_fact(*outlet).map_err(prepare_err)?;
+            let name = typed.node(outlet.node).name.clone();
+            input_specs.push(convert::spec_for(&name, fact, &inputs[ix], "input")?);
+        }
+        let mut output_specs = Vec::with_capacity(output_count);
+        for (ix, outlet) in typed.outputs.iter().enumerate() {
+            let fact = typed.outlet_fact(*outlet).map_err(prepare_err)?;
+            let name = typed
+                .outlet_label(*outlet)
+                .map(str::to_string)
+                .unwrap_or_else(|| typed.node(outlet.node).name.clone());
+            output_specs.push(convert::spec_for(&name, fact, &outputs[ix], "output")?);
+        }
+        let native_batch = input_specs.iter().all(TensorSpec::has_batch_dim);
+        let plan = typed.into_runnable().map_err(prepare_err)?;
+        let model = Model {
+            plan,
+            signature: ModelSignature { inputs: input_specs, outputs: output_specs },
+            inputs,
+            outputs,
+            format,
+            native_batch,
+            states: Mutex::new(Vec::new()),
+        };
+        if options.warm_up {
+            let zeros = model.zero_inputs(1);
+            model.run(zeros).map_err(|e| LoadError::WarmUp(e.to_string()))?;
+        }
+        Ok(model)
+    }
+
+    pub fn signature(&self) -> &ModelSignature {
+        &self.signature
+    }
+
+    pub fn format(&self) -> ModelFormat {
+        self.format
+    }
+
+    /// Whether a batch of N runs as one vectorized call (free batch dimension)
+    /// rather than N calls.
+    pub fn runs_batches_natively(&self) -> bool {
+        self.native_batch
+    }
+
+    /// Inputs of zeros for `batch` samples: used for warm-up.
+    pub fn zero_inputs(&self, batch: usize) -> Vec<TensorData> {
+        self.signature
+            .inputs
+            .iter()
+            .map(|spec| {
+                let shape: Vec<usize> = spec
+                    .shape
+                    .iter()
+                    .enumerate()
+                    .map(|(ix, d)| match d {
+                        Some(d) => *d as usize,
+                        None if ix == 0 => batch,
+                        None => 1,
+                    })
+                    .collect();
+                let len = shape.iter().product();
+                let values = match spec.element_type {
+                    ElementType::F32 => TensorValues::F32(vec![0.0; len]),
+                    ElementType::I8 => TensorValues::I8(vec![0; len]),
+                    ElementType::U8 => TensorValues::U8(vec![0; len]),
+                    ElementType::I32 => TensorValues::I32(vec![0; len]),
+                    ElementType::I64 => TensorValues::I64(vec![0; len]),
+                };
+                TensorData { shape, values }
+            })
+            .collect()
+    }
+
+    /// Runs the model. `inputs` are in the order of `signature().inputs`;
+    /// outputs come in the order of `signature().outputs`.
+    pub fn run(&self, inputs: Vec<TensorData>) -> Result<Vec<TensorData>, RunError> {
+        self.check_inputs(&inputs)?;
+        let batch = inputs.first().map(TensorData::batch_len).unwrap_or(1);
+        if self.native_batch || batch <= 1 || !self.all_inputs_batched(&inputs) {
+            return self.run_once(&inputs);
+        }
+        // Fixed batch of 1: run row by row and stack the results.
+        let mut per_row = Vec::with_capacity(batch);
+        for row in 0..batch {
+            let row_inputs: Vec<TensorData> =
+                inputs.iter().map(|t| convert::slice_rows(t, row, row + 1)).collect();
+            per_row.push(self.run_once(&row_inputs)?);
+        }
+        convert::stack_rows(per_row).map_err(RunError::Inference)
+    }
+
+    fn all_inputs_batched(&self, inputs: &[TensorData]) -> bool {
+        // A fixed-batch model given N rows: every input must carry the rows
+        // on its first axis, where the model expects 1.
+        self.signature.inputs.iter().zip(inputs).all(|(spec, t)| {
+            matches!(spec.shape.first(), Some(Some(1))) && t.shape.len() == spec.shape.len()
+        })
+    }
+
+    fn check_inputs(&self, inputs: &[TensorData]) -> Result<(), RunError> {
+        let specs = &self.signature.inputs;
+        if specs.len() != inputs.len() {
+            return Err(RunError::InputCount { expected: specs.len(), got: inputs.len() });
+        }
+        for (spec, t) in specs.iter().zip(inputs) {
+            if spec.element_type != t.element_type() {
+                return Err(RunError::ElementType {
+                    name: spec.name.clone(),
+                    expected: spec.element_type,
+                    got: t.element_type(),
+                });
+            }
+            let rank_ok = spec.shape.len() == t.shape.len();
+            let dims_ok = rank_ok
+                && spec.shape.iter().zip(&t.shape).enumerate().all(|(ix, (want, got))| match want {
+                    None => true,
+                    // A fixed batch of 1 accepts any batch: it runs row by row.
+                    Some(1) if ix == 0 && !self.native_batch => true,
+                    Some(w) => *w as usize == *got,
+                });
+            if !dims_ok {
+                return Err(RunError::Shape {
+                    name: spec.name.clone(),
+                    expected: convert::shape_display(&spec.shape),
+                    got: t.shape.clone(),
+                });
+            }
+            if t.shape.iter().product::<usize>() == 0 {
+                return Err(RunError::Shape {
+                    name: spec.name.clone(),
+                    expected: "no empty dimension".into(),
+                    got: t.shape.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn run_once(&self, inputs: &[TensorData]) -> Result<Vec<TensorData>, RunError> {
+        let mut tract_inputs: TVec<TValue> = TVec::with_capacity(inputs.len());
+        for (ix, t) in inputs.iter().enumerate() {
+            let fact = self
+                .plan
+                .model()
+                .input_fact(ix)
+                .map_err(|e| RunError::Inference(format!("{e:#}")))?;
+            let tensor = convert::to_tract(t, fact.datum_type, &self.inputs[ix])
+                .map_err(|e| RunError::Inference(format!("{e:#}")))?;
+            tract_inputs.push(tensor.into_tvalue());
+        }
+        let mut state = match self.states.lock().ok().and_then(|mut s| s.pop()) {
+            Some(state) => state,
+            None => self.plan.spawn().map_err(|e| RunError::Inference(format!("{e:#}")))?,
+        };
+        let result = state.run(tract_inputs);
+        // A state that errored may hold half-written values; drop it rather
+        // than reuse it.
+        let outputs = match result {
+            Ok(outputs) => {
+                if let Ok(mut states) = self.states.lock() {
+                    states.push(state);
+                }
+                outputs
+            }
+            Err(e) => return Err(RunError::Inference(format!("{e:#}"))),
+        };
+        outputs
+            .iter()
+            .enumerate()
+            .map(|(ix, v)| convert::from_tract(v, &self.outputs[ix]))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| RunError::Inference(format!("{e:#}")))
+    }
+}
+
+fn prepare_err(e: TractError) -> LoadError {
+    LoadError::Prepare { reason: format!("{e:#}") }
+}
+
+/// A model as a format loader hands it over: the typed graph plus what the
+/// runtime does at the edges (e.g. quantizing float inputs for an int8 TFLite).
+pub(crate) struct PreparedModel {
+    pub model: TypedModel,
+    pub inputs: Vec<InputAdapter>,
+    pub outputs: Vec<OutputAdapter>,
+}

@@ -1,0 +1,184 @@
+//! Dynamic batching: concurrent requests merged into one model run.
+//!
+//! A model with a free batch dimension runs N samples in one call for much
+//! less than N calls cost (one pass over the weights, one dispatch through
+//! the graph, wider matrix kernels). With `batch_window > 0`, workers hand
+//! each validated request to a queue of [`Job`]s, and batch runners merge
+//! them:
+//!
+//! 1. One runner at a time *gathers* (the others run what they gathered):
+//!    it takes the first job and keeps taking jobs until the batch holds
+//!    `max_batch` samples, or the window (counted from the first job's
+//!    arrival) ends, or **no other request is on its way** — no job queued
+//!    and no admitted request still being read or parsed. That last rule is
+//!    why a lone request never waits out the window: at low load, batching
+//!    costs nothing.
+//! 2. It concatenates the jobs' inputs along the batch dimension, runs the
+//!    model once, slices every output back into per-request rows and answers
+//!    each request as if it had run alone.
+//!
+//! Only jobs for the same deployed model (a swap in between starts a new
+//! batch) whose samples have the same shape are merged. If a merged run
+//! fails, each job is re-run on its own, so one request's problem is never
+//! another's error.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::handler::{finish, run_model, Reply, Shared};
+use super::queue::Timed;
+use super::request::{append, empty_values, Render};
+use super::slot::Deployed;
+use crate::tensor::{TensorData, TensorValues};
+
+/// A validated request waiting for a batch.
+pub(crate) struct Job {
+    pub deployed: Arc<Deployed>,
+    pub inputs: Vec<TensorData>,
+    /// Samples in this request (first dimension of every input).
+    pub rows: usize,
+    pub render: Render,
+    pub reply: Reply,
+}
+
+impl Job {
+    fn joins(&self, other: &Job) -> bool {
+        Arc::ptr_eq(&self.deployed, &other.deployed)
+            && self.inputs.len() == other.inputs.len()
+            && self.inputs.iter().zip(&other.inputs).all(|(a, b)| {
+                a.shape.get(1..) == b.shape.get(1..) && a.element_type() == b.element_type()
+            })
+    }
+}
+
+/// A batch runner: gathers, runs, answers, until the job queue closes.
+pub(crate) fn run(shared: &Shared) {
+    let window = shared.config.batch_window;
+    let max_rows = shared.config.max_batch;
+    // A job that could not join the previous batch starts the next one.
+    let mut carry: Option<Job> = None;
+    loop {
+        let batch = {
+            let _gathering = shared.gather.lock().unwrap_or_else(|p| p.into_inner());
+            let first = match carry.take() {
+                Some(job) => job,
+                None => match shared.jobs.pop() {
+                    Some(job) => job,
+                    None => return,
+                },
+            };
+            let deadline = first.reply_started() + window;
+            let mut rows = first.rows;
+            let mut batch = vec![first];
+            while rows < max_rows {
+                let next = match shared.jobs.try_pop() {
+                    Some(job) => job,
+                    None if shared.pending.load(std::sync::atomic::Ordering::Acquire) == 0 => break,
+                    None => match shared.jobs.pop_or_wake(deadline) {
+                        Timed::Item(job) => job,
+                        Timed::Woken => continue,
+                        Timed::TimedOut | Timed::Closed => break,
+                    },
+                };
+                if batch[0].joins(&next) && rows + next.rows <= max_rows {
+                    rows += next.rows;
+                    batch.push(next);
+                } else {
+                    carry = Some(next);
+                    break;
+                }
+            }
+            batch
+        };
+        run_batch(shared, batch);
+    }
+}
+
+impl Job {
+    fn reply_started(&self) -> Instant {
+        self.reply.started()
+    }
+}
+
+fn run_batch(shared: &Shared, mut batch: Vec<Job>) {
+    if batch.len() == 1 {
+        if let Some(job) = batch.pop() {
+            run_alone(shared, job);
+        }
+        return;
+    }
+    let deployed = batch[0].deployed.clone();
+    let total: usize = batch.iter().map(|j| j.rows).sum();
+    let inputs = concat_inputs(&batch, total);
+    let n = batch.len();
+    match run_model(shared, &deployed, inputs, n) {
+        Ok(outputs) if outputs.iter().all(|t| t.shape.first() == Some(&total)) => {
+            let mut start = 0;
+            for job in batch {
+                let end = start + job.rows;
+                let mine: Vec<TensorData> = outputs.iter().map(|t| slice_rows(t, start, end)).collect();
+                start = end;
+                let Job { deployed, render, rows, reply, .. } = job;
+                finish(shared, reply, &deployed, &render, rows, Ok(mine));
+            }
+        }
+        // An output without the batch on its first axis cannot be split, and
+        // a failed merged run cannot be blamed on one request: run each alone.
+        _ => {
+            for job in batch {
+                run_alone(shared, job);
+            }
+        }
+    }
+}
+
+fn run_alone(shared: &Shared, job: Job) {
+    let Job { deployed, inputs, rows, render, reply } = job;
+    let result = run_model(shared, &deployed, inputs, 1);
+    finish(shared, reply, &deployed, &render, rows, result);
+}
+
+fn concat_inputs(batch: &[Job], total: usize) -> Vec<TensorData> {
+    (0..batch[0].inputs.len())
+        .map(|i| {
+            let first = &batch[0].inputs[i];
+            let mut shape = first.shape.clone();
+            shape[0] = total;
+            let len: usize = shape.iter().product();
+            let mut values = empty_values(first.element_type(), len);
+            for job in batch {
+                append(&mut values, job.inputs[i].values.clone());
+            }
+            TensorData { shape, values }
+        })
+        .collect()
+}
+
+/// Rows `start..end` of a tensor whose first dimension is the batch.
+pub(crate) fn slice_rows(t: &TensorData, start: usize, end: usize) -> TensorData {
+    let row: usize = t.shape.iter().skip(1).product();
+    let (a, b) = (start * row, end * row);
+    let values = match &t.values {
+        TensorValues::F32(v) => TensorValues::F32(v[a..b].to_vec()),
+        TensorValues::I8(v) => TensorValues::I8(v[a..b].to_vec()),
+        TensorValues::U8(v) => TensorValues::U8(v[a..b].to_vec()),
+        TensorValues::I32(v) => TensorValues::I32(v[a..b].to_vec()),
+        TensorValues::I64(v) => TensorValues::I64(v[a..b].to_vec()),
+    };
+    let mut shape = t.shape.clone();
+    shape[0] = end - start;
+    TensorData { shape, values }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slices_rows() {
+        let t = TensorData { shape: vec![3, 2], values: TensorValues::I64(vec![1, 2, 3, 4, 5, 6]) };
+        let s = slice_rows(&t, 1, 3);
+        assert_eq!(s.shape, vec![2, 2]);
+        assert_eq!(s.values, TensorValues::I64(vec![3, 4, 5, 6]));
+    }
+}

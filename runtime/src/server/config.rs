@@ -1,0 +1,84 @@
+//! Server settings, with the defaults a device wants.
+
+use std::time::Duration;
+
+/// How the HTTP server runs. `ServerConfig::default()` listens on
+/// `127.0.0.1:8080` with one worker per core and dynamic batching off.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// `host:port` to listen on; port 0 picks a free port (see
+    /// [`RunningServer::local_addr`](super::RunningServer::local_addr)).
+    pub listen: String,
+    /// Worker threads: they parse requests and run inference. 0 = one per core.
+    pub threads: usize,
+    /// Largest request body accepted; a larger one is answered 413 before it
+    /// is read. Default 4 MiB.
+    pub max_body_bytes: usize,
+    /// Requests admitted but not yet picked up by a worker (and, with dynamic
+    /// batching, parsed requests waiting for a batch). A request that finds
+    /// the queue full is answered 503 with `Retry-After` at once, so latency
+    /// stays bounded under overload instead of growing without end.
+    pub queue_capacity: usize,
+    /// How long the first request of a batch waits for others to join it.
+    /// Zero turns dynamic batching off. A batch also closes early when it is
+    /// full or when no other request is on its way, so a lone request never
+    /// waits out the window.
+    pub batch_window: Duration,
+    /// Most samples (rows) one batched run takes.
+    pub max_batch: usize,
+    /// Socket read and write timeout: a client that stops sending its body
+    /// (or reading its answer) for this long is cut off, and an idle
+    /// keep-alive connection is closed after it.
+    pub io_timeout: Duration,
+    /// Seconds a shed client is told to wait (`Retry-After`).
+    pub retry_after_secs: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:8080".to_string(),
+            threads: 0,
+            max_body_bytes: 4 * 1024 * 1024,
+            queue_capacity: 256,
+            batch_window: Duration::ZERO,
+            max_batch: 32,
+            io_timeout: Duration::from_secs(30),
+            retry_after_secs: 1,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The worker count actually used (`threads`, or the number of cores).
+    pub fn worker_threads(&self) -> usize {
+        if self.threads > 0 {
+            self.threads
+        } else {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        }
+    }
+
+    pub fn batching_enabled(&self) -> bool {
+        !self.batch_window.is_zero() && self.max_batch > 1
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if self.max_body_bytes == 0 {
+            return Err("max body size must be at least 1 byte".into());
+        }
+        if self.queue_capacity == 0 {
+            return Err("queue capacity must be at least 1".into());
+        }
+        if self.max_batch == 0 {
+            return Err("max batch must be at least 1".into());
+        }
+        if self.io_timeout.is_zero() {
+            return Err("I/O timeout must be above zero".into());
+        }
+        if self.threads > 1024 {
+            return Err(format!("{} worker threads is more than any device has use for", self.threads));
+        }
+        Ok(())
+    }
+}

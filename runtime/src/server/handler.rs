@@ -1,0 +1,646 @@
+//! Taking requests, handling them, answering them.
+//!
+//! Threads, and why:
+//!
+//! - tiny_http's own threads accept connections and read each request's
+//!   head (one thread per connection; bodies up to 1 KiB are read there too).
+//! - One **dispatcher** takes every request from tiny_http and routes it.
+//!   Probes (`/health`, `/ready`, v2 health), 404 and 405 are answered on the
+//!   spot, so an orchestrator's probes keep working when the workers are
+//!   saturated. Everything else goes into the bounded work queue; a request
+//!   that finds it full is answered 503 with `Retry-After` at once. This is
+//!   the only place load is shed, and it costs the shed client microseconds.
+//! - **Workers** (`threads`) read bodies, parse and validate them against the
+//!   model, run it and answer. With dynamic batching on, a validated request
+//!   that can be merged becomes a [`Job`] for the batcher instead.
+//! - **Batch runners** (with batching on) merge jobs and run them; see
+//!   [`super::batching`].
+//!
+//! Every handler runs under `catch_unwind`: a bug answers 500 for that one
+//! request and the worker carries on.
+
+use std::io::Read;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::gauge::Gauge;
+use tiny_http::{Header, Request, Response};
+
+use super::batching::Job;
+use super::config::ServerConfig;
+use super::error::{push_json_str, ApiError};
+use super::metrics::Metrics;
+use super::queue::{BoundedQueue, PushError};
+use super::request::{self, Render};
+use super::response;
+use super::routes::{self, Route, Routed};
+use super::slot::{Deployed, ModelSlot};
+use super::v2;
+use crate::tensor::TensorData;
+
+/// State every server thread shares.
+pub(crate) struct Shared {
+    pub config: ServerConfig,
+    pub slot: Arc<ModelSlot>,
+    pub metrics: Metrics,
+    pub work: Arc<BoundedQueue<Work>>,
+    pub jobs: BoundedQueue<Job>,
+    /// Requests being drained after a 413 (see [`answer_oversized`]).
+    pub draining: Arc<AtomicUsize>,
+    pub batching: bool,
+    /// Inference requests admitted to the work queue and not yet turned into
+    /// a job or answered. The batcher closes a batch early when this is zero
+    /// and no job waits: nobody else is coming.
+    pub pending: AtomicUsize,
+    /// Only one batch runner gathers a batch at a time, so concurrent
+    /// requests end up in one batch rather than in several half-empty ones.
+    pub gather: Mutex<()>,
+    pub stopping: AtomicBool,
+}
+
+/// A request admitted to the work queue.
+pub(crate) struct Work {
+    request: Request,
+    route: Route,
+    started: Instant,
+}
+
+/// Where and how a handled request is answered, and what it is counted as.
+pub(crate) struct Reply {
+    request: Request,
+    endpoint: &'static str,
+    v2: bool,
+    started: Instant,
+    _in_flight: InFlight,
+}
+
+/// Counts a request in `outpost_http_requests_in_flight` until answered.
+struct InFlight(Gauge);
+
+impl InFlight {
+    fn new(g: &Gauge) -> InFlight {
+        g.inc();
+        InFlight(g.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// An answer ready to send.
+pub(crate) struct Answer {
+    status: u16,
+    content_type: &'static str,
+    body: Vec<u8>,
+    headers: Vec<(&'static str, String)>,
+}
+
+const JSON: &str = "application/json";
+
+impl Answer {
+    fn json(status: u16, body: Vec<u8>) -> Answer {
+        Answer { status, content_type: JSON, body, headers: Vec::new() }
+    }
+
+    fn error(e: &ApiError, v2: bool) -> Answer {
+        let body = if v2 { e.to_v2_json() } else { e.to_json() };
+        let mut a = Answer::json(e.status, body);
+        if let Some(s) = e.retry_after {
+            a.headers.push(("Retry-After", s.to_string()));
+        }
+        if let Some(allow) = e.allow {
+            a.headers.push(("Allow", allow.to_string()));
+        }
+        a
+    }
+}
+
+fn header(name: &str, value: &str) -> Option<Header> {
+    Header::from_bytes(name.as_bytes(), value.as_bytes()).ok()
+}
+
+fn request_header<'a>(rq: &'a Request, name: &'static str) -> Option<&'a str> {
+    rq.headers().iter().find(|h| h.field.equiv(name)).map(|h| h.value.as_str())
+}
+
+fn build_response(a: Answer) -> Response<std::io::Cursor<Vec<u8>>> {
+    // Always a Content-Length, never chunked: every answer is in memory
+    // already, and simple clients (and load generators) count on it.
+    let mut response =
+        Response::from_data(a.body).with_status_code(a.status).with_chunked_threshold(usize::MAX);
+    if let Some(h) = header("Content-Type", a.content_type) {
+        response.add_header(h);
+    }
+    for (name, value) in &a.headers {
+        if let Some(h) = header(name, value) {
+            response.add_header(h);
+        }
+    }
+    response
+}
+
+/// Sends `answer` and counts it. A client that hung up is not an error.
+fn send(metrics: &Metrics, rq: Request, endpoint: &'static str, started: Instant, answer: Answer) {
+    let status = answer.status;
+    let _ = rq.respond(build_response(answer));
+    metrics.record_request(endpoint, status, started.elapsed());
+}
+
+impl Reply {
+    pub(crate) fn started(&self) -> Instant {
+        self.started
+    }
+
+    fn send(self, metrics: &Metrics, answer: Answer) {
+        send(metrics, self.request, self.endpoint, self.started, answer);
+    }
+}
+
+// ---------------------------------------------------------------- dispatcher
+
+/// Takes requests from tiny_http until it stops; see the module docs.
+pub(crate) fn dispatch(shared: &Shared, server: &tiny_http::Server) -> Result<(), std::io::Error> {
+    loop {
+        let rq = match server.recv() {
+            Ok(rq) => rq,
+            Err(e) if shared.stopping.load(Ordering::Acquire) => {
+                log::debug!("dispatcher stopping: {e}");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let started = Instant::now();
+        if shared.stopping.load(Ordering::Acquire) {
+            send(&shared.metrics, rq, routes::UNKNOWN_ENDPOINT, started, Answer::error(&ApiError::shutting_down(), false));
+            continue;
+        }
+        let route = match routes::route(rq.method(), rq.url()) {
+            Routed::Found(route) => route,
+            Routed::NotFound => {
+                let v2 = rq.url().starts_with("/v2");
+                let e = ApiError::not_found(format!("no route {} {}", rq.method(), path_only(rq.url())));
+                send(&shared.metrics, rq, routes::UNKNOWN_ENDPOINT, started, Answer::error(&e, v2));
+                continue;
+            }
+            Routed::WrongMethod(allow) => {
+                let v2 = rq.url().starts_with("/v2");
+                let e = ApiError::method_not_allowed(rq.method().as_str(), path_only(rq.url()), allow);
+                send(&shared.metrics, rq, routes::UNKNOWN_ENDPOINT, started, Answer::error(&e, v2));
+                continue;
+            }
+        };
+        if route.is_probe() {
+            let endpoint = route.endpoint();
+            let answer = probe(shared, &route);
+            send(&shared.metrics, rq, endpoint, started, answer);
+            continue;
+        }
+        let inference = matches!(route, Route::Predict | Route::PredictBatch | Route::V2Infer { .. });
+        if inference {
+            shared.pending.fetch_add(1, Ordering::AcqRel);
+        }
+        match shared.work.try_push(Work { request: rq, route, started }) {
+            Ok(()) => {}
+            Err(PushError::Full(w)) | Err(PushError::Closed(w)) => {
+                if inference {
+                    release_pending(shared);
+                }
+                shared.metrics.record_shed();
+                let e = ApiError::overloaded(shared.config.retry_after_secs);
+                send(&shared.metrics, w.request, w.route.endpoint(), w.started, Answer::error(&e, w.route.is_v2()));
+            }
+        }
+    }
+}
+
+fn path_only(url: &str) -> &str {
+    url.split(['?', '#']).next().unwrap_or("")
+}
+
+fn probe(shared: &Shared, route: &Route) -> Answer {
+    let current = shared.slot.current();
+    match (route, current) {
+        (Route::Health, _) => Answer::json(200, br#"{"status":"healthy"}"#.to_vec()),
+        (Route::V2Live, _) => Answer::json(200, br#"{"live":true}"#.to_vec()),
+        (Route::Ready, Some(_)) => Answer::json(200, br#"{"status":"ready"}"#.to_vec()),
+        (Route::V2Ready, Some(_)) => Answer::json(200, br#"{"ready":true}"#.to_vec()),
+        (Route::V2ModelReady { name, version }, Some(d)) => match v2::check_model(&d, name, version.as_deref()) {
+            Ok(()) => Answer::json(200, v2::model_ready(&d)),
+            Err(e) => Answer::error(&e, true),
+        },
+        (Route::Ready, None) => Answer::json(503, br#"{"status":"not ready"}"#.to_vec()),
+        (_, None) => Answer::error(&ApiError::not_ready(), true),
+        // Probes are the routes above; anything else is answered by workers.
+        (_, Some(_)) => Answer::error(&ApiError::internal("not a probe"), route.is_v2()),
+    }
+}
+
+/// One admitted inference request is no longer pending; wakes the batcher
+/// when that leaves nothing on its way.
+fn release_pending(shared: &Shared) {
+    if shared.pending.fetch_sub(1, Ordering::AcqRel) == 1 && shared.batching {
+        shared.jobs.wake_all();
+    }
+}
+
+// ------------------------------------------------------------------- workers
+
+pub(crate) fn work(shared: &Shared) {
+    while let Some(w) = shared.work.pop() {
+        let endpoint = w.route.endpoint();
+        let inference = matches!(w.route, Route::Predict | Route::PredictBatch | Route::V2Infer { .. });
+        let started = w.started;
+        let mut pending = PendingToken { shared, held: inference };
+        let outcome = catch_unwind(AssertUnwindSafe(|| handle(shared, w, &mut pending)));
+        drop(pending);
+        if outcome.is_err() {
+            // The request was dropped while unwinding, and tiny_http answers a
+            // dropped request with 500 itself. Count it.
+            log::error!("handler panicked on {endpoint}; answered 500");
+            shared.metrics.record_request(endpoint, 500, started.elapsed());
+        }
+    }
+}
+
+/// Releases the request's `pending` count exactly once.
+struct PendingToken<'a> {
+    shared: &'a Shared,
+    held: bool,
+}
+
+impl PendingToken<'_> {
+    fn release(&mut self) {
+        if std::mem::take(&mut self.held) {
+            release_pending(self.shared);
+        }
+    }
+}
+
+impl Drop for PendingToken<'_> {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+fn handle(shared: &Shared, w: Work, pending: &mut PendingToken<'_>) {
+    let Work { request, route, started } = w;
+    let reply = Reply {
+        request,
+        endpoint: route.endpoint(),
+        v2: route.is_v2(),
+        started,
+        _in_flight: InFlight::new(shared.metrics.in_flight()),
+    };
+    match &route {
+        Route::Metrics => {
+            let (text, content_type) = shared.metrics.encode(request_header(&reply.request, "Accept"));
+            reply.send(&shared.metrics, Answer { status: 200, content_type, body: text.into_bytes(), headers: Vec::new() });
+        }
+        Route::ModelInfo => {
+            let answer = match shared.slot.current() {
+                Some(d) => Answer::json(200, model_info_json(&d, shared)),
+                None => Answer::error(&ApiError::not_ready(), false),
+            };
+            reply.send(&shared.metrics, answer);
+        }
+        Route::Drift => {
+            let answer = match shared.slot.current() {
+                Some(d) => drift_answer(&d),
+                None => Answer::error(&ApiError::not_ready(), false),
+            };
+            reply.send(&shared.metrics, answer);
+        }
+        Route::V2Server => reply.send(&shared.metrics, Answer::json(200, v2::server_metadata())),
+        Route::V2ModelMetadata { name, version } => {
+            let answer = match shared.slot.current() {
+                Some(d) => match v2::check_model(&d, name, version.as_deref()) {
+                    Ok(()) => Answer::json(200, v2::model_metadata(&d)),
+                    Err(e) => Answer::error(&e, true),
+                },
+                None => Answer::error(&ApiError::not_ready(), true),
+            };
+            reply.send(&shared.metrics, answer);
+        }
+        Route::Predict | Route::PredictBatch | Route::V2Infer { .. } => {
+            handle_inference(shared, reply, &route, pending)
+        }
+        // Probes never reach the workers (the dispatcher answers them).
+        Route::Health | Route::Ready | Route::V2Live | Route::V2Ready | Route::V2ModelReady { .. } => {
+            let answer = probe(shared, &route);
+            reply.send(&shared.metrics, answer);
+        }
+    }
+}
+
+fn handle_inference(shared: &Shared, mut reply: Reply, route: &Route, pending: &mut PendingToken<'_>) {
+    let v2 = reply.v2;
+    let Some(d) = shared.slot.current() else {
+        return reply.send(&shared.metrics, Answer::error(&ApiError::not_ready(), v2));
+    };
+    if let Route::V2Infer { name, version } = route {
+        if let Err(e) = v2::check_model(&d, name, version.as_deref()) {
+            return reply.send(&shared.metrics, Answer::error(&e, true));
+        }
+    }
+    let body = match read_body(&mut reply.request, shared.config.max_body_bytes) {
+        Ok(body) => body,
+        Err(e) => {
+            d.stats().record_input_error();
+            if e.status == 413 {
+                return answer_oversized(shared, reply, e);
+            }
+            return reply.send(&shared.metrics, Answer::error(&e, v2));
+        }
+    };
+    let parsed = match route {
+        Route::Predict => request::parse_predict(&body, &d),
+        Route::PredictBatch => request::parse_batch(&body, &d),
+        _ => match request_header(&reply.request, v2::HEADER_LENGTH).map(|v| v.trim().parse::<usize>()) {
+            None => v2::parse_infer(&body, None, &d),
+            Some(Ok(n)) => v2::parse_infer(&body, Some(n), &d),
+            Some(Err(_)) => Err(ApiError::bad_request(format!("{} must be a byte count", v2::HEADER_LENGTH))),
+        },
+    };
+    drop(body);
+    let parsed = match parsed {
+        Ok(p) => p,
+        Err(e) => {
+            d.stats().record_input_error();
+            return reply.send(&shared.metrics, Answer::error(&e, v2));
+        }
+    };
+    if shared.batching && d.batches_dynamically() {
+        if let Some(rows) = parsed.rows.filter(|r| *r <= shared.config.max_batch) {
+            // Release before pushing: see `Shared::pending`.
+            pending.release();
+            let job = Job { deployed: d, inputs: parsed.inputs, rows, render: parsed.render, reply };
+            match shared.jobs.try_push(job) {
+                Ok(()) => return,
+                Err(PushError::Full(job)) => {
+                    shared.metrics.record_shed();
+                    let e = ApiError::overloaded(shared.config.retry_after_secs);
+                    let v2 = job.reply.v2;
+                    return job.reply.send(&shared.metrics, Answer::error(&e, v2));
+                }
+                // Shutting down: run it here rather than fail it.
+                Err(PushError::Closed(job)) => {
+                    let Job { deployed, inputs, rows, render, reply } = job;
+                    let result = run_model(shared, &deployed, inputs, 1);
+                    return finish(shared, reply, &deployed, &render, rows, result);
+                }
+            }
+        }
+    }
+    pending.release();
+    let rows = parsed.rows.unwrap_or(1);
+    let result = run_model(shared, &d, parsed.inputs, 1);
+    finish(shared, reply, &d, &parsed.render, rows, result);
+}
+
+/// Runs the model once (`requests` merged requests), timing it.
+pub(crate) fn run_model(
+    shared: &Shared,
+    d: &Deployed,
+    inputs: Vec<TensorData>,
+    requests: usize,
+) -> Result<Vec<TensorData>, ApiError> {
+    let rows = inputs.first().map(TensorData::batch_len).unwrap_or(1);
+    // The drift sketch needs the input after the run has consumed it.
+    let tapped = if d.drift().is_some() { inputs.first().cloned() } else { None };
+    let t = Instant::now();
+    let result = catch_unwind(AssertUnwindSafe(|| d.model().run(inputs)));
+    shared.metrics.record_run(t.elapsed(), rows, requests);
+    match result {
+        Ok(Ok(outputs)) => {
+            if let Some(input) = &tapped {
+                d.observe_drift(input, &outputs);
+            }
+            Ok(outputs)
+        }
+        Ok(Err(e)) if e.is_input_error() => {
+            // Requests are validated before they get here, so this is a gap
+            // in validation; still the caller's input, still a 422.
+            let field = e.field().map(|f| format!("inputs.{f}")).unwrap_or_else(|| "inputs".to_string());
+            Err(ApiError::invalid_shape(field, e))
+        }
+        Ok(Err(e)) => Err(ApiError::inference_failed(e)),
+        Err(_) => Err(ApiError::inference_failed("the model panicked")),
+    }
+}
+
+/// Renders and sends the answer of one request, and counts it on the model.
+pub(crate) fn finish(
+    shared: &Shared,
+    reply: Reply,
+    d: &Deployed,
+    render: &Render,
+    rows: usize,
+    result: Result<Vec<TensorData>, ApiError>,
+) {
+    let answer = match result {
+        Ok(outputs) => {
+            d.stats().record_ok(rows, reply.started.elapsed());
+            match render {
+                Render::V2(r) => {
+                    let body = v2::render_infer(r, d, &outputs);
+                    match body.json_len {
+                        None => Answer::json(200, body.body),
+                        Some(n) => Answer {
+                            status: 200,
+                            content_type: "application/octet-stream",
+                            body: body.body,
+                            headers: vec![(v2::HEADER_LENGTH, n.to_string())],
+                        },
+                    }
+                }
+                other => Answer::json(200, response::render(other, d, &outputs)),
+            }
+        }
+        Err(e) => {
+            if e.status >= 500 {
+                d.stats().record_failure(reply.started.elapsed());
+            } else {
+                d.stats().record_input_error();
+            }
+            Answer::error(&e, reply.v2)
+        }
+    };
+    reply.send(&shared.metrics, answer);
+}
+
+// --------------------------------------------------------------------- bodies
+
+/// Declared bodies up to this size are drained after a 413 so the connection
+/// can be reused; larger ones are abandoned. See [`answer_oversized`].
+const DRAIN_CEILING: usize = 64 * 1024 * 1024;
+
+/// Reads the body, refusing one over `limit` *before* reading it when its
+/// length is declared (and as soon as it passes the limit when chunked).
+fn read_body(rq: &mut Request, limit: usize) -> Result<Vec<u8>, ApiError> {
+    let declared = rq.body_length();
+    if let Some(n) = declared {
+        if n > limit {
+            return Err(ApiError::body_too_large(limit, Some(n)));
+        }
+    }
+    let cap = declared.unwrap_or(0).min(limit);
+    let mut body = Vec::with_capacity(cap);
+    // One byte past the limit tells an over-long chunked body from one that
+    // is exactly at it.
+    let read = rq.as_reader().take(limit as u64 + 1).read_to_end(&mut body);
+    match read {
+        Ok(_) if body.len() > limit => Err(ApiError::body_too_large(limit, None)),
+        Ok(_) => match declared {
+            Some(n) if body.len() < n => Err(ApiError::request_timeout()),
+            _ => Ok(body),
+        },
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            Err(ApiError::request_timeout())
+        }
+        Err(e) => Err(ApiError::bad_request(format!("cannot read the request body: {e}"))),
+    }
+}
+
+/// Answers 413 without reading the body, then disposes of the request.
+///
+/// tiny_http 0.12 drains an unread body when the request is dropped, into a
+/// buffer of the *declared* size (tiny-http PR #290, unreleased): a client
+/// declaring a terabyte would make the process abort on allocation. So:
+/// - no declared length (chunked): nothing is drained; answer here;
+/// - declared up to [`DRAIN_CEILING`]: answer and drop on a short-lived
+///   thread of its own (at most [`MAX_DRAINING`] at once, else here), so a
+///   client that keeps sending after the 413 ties up neither a worker nor
+///   other clients' answers; the socket timeout bounds one that stalls;
+/// - declared above it: answer through `upgrade`, which hands over the
+///   connection, and leak that connection rather than drop it. It then costs
+///   one parked tiny_http thread and two descriptors until the process ends,
+///   against an abort. Counted in `outpost_http_oversized_connections_abandoned_total`.
+fn answer_oversized(shared: &Shared, reply: Reply, e: ApiError) {
+    let answer = Answer::error(&e, reply.v2);
+    let Reply { request, endpoint, started, .. } = reply;
+    shared.metrics.record_request(endpoint, 413, started.elapsed());
+    match request.body_length() {
+        Some(n) if n > DRAIN_CEILING => {
+            let stream = request.upgrade("close", build_response(answer));
+            std::mem::forget(stream);
+            shared.metrics.record_abandoned();
+            log::warn!("abandoned a connection that declared a {n}-byte body");
+        }
+        Some(_) if shared.draining.fetch_add(1, Ordering::AcqRel) < MAX_DRAINING => {
+            let response = build_response(answer);
+            let shared_count = DrainSlot(shared.draining.clone());
+            let spawned = std::thread::Builder::new().name("outpost-drain".into()).spawn(move || {
+                let _slot = shared_count;
+                let _ = request.respond(response);
+            });
+            if let Err(e) = spawned {
+                // The closure (and the request in it) was dropped with the
+                // failed spawn, which answered it 500; nothing else to do.
+                log::warn!("cannot start a drain thread: {e}");
+            }
+        }
+        _ => {
+            // Over the concurrent-drain limit (undo the count taken above)
+            // or chunked: answer here.
+            if request.body_length().is_some() {
+                shared.draining.fetch_sub(1, Ordering::AcqRel);
+            }
+            let _ = request.respond(build_response(answer));
+        }
+    }
+}
+
+/// Most requests drained at once on their own threads after a 413.
+const MAX_DRAINING: usize = 8;
+
+/// Releases a drain slot when the drain thread ends.
+struct DrainSlot(Arc<AtomicUsize>);
+
+impl Drop for DrainSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+// ------------------------------------------------------------- model info
+
+fn spec_json(out: &mut String, spec: &crate::tensor::TensorSpec) {
+    out.push_str("{\"name\":");
+    push_json_str(out, &spec.name);
+    out.push_str(",\"datatype\":\"");
+    out.push_str(spec.element_type.v2_name());
+    out.push_str("\",\"shape\":[");
+    for (i, d) in spec.shape.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        match d {
+            Some(d) => out.push_str(&d.to_string()),
+            None => out.push_str("null"),
+        }
+    }
+    out.push_str("]}");
+}
+
+fn model_info_json(d: &Deployed, shared: &Shared) -> Vec<u8> {
+    let info = d.info();
+    let sig = d.model().signature();
+    let mut out = String::with_capacity(512);
+    out.push_str("{\"name\":");
+    push_json_str(&mut out, &info.name);
+    out.push_str(",\"version\":");
+    push_json_str(&mut out, &info.version);
+    out.push_str(",\"sha256\":");
+    push_json_str(&mut out, &info.sha256);
+    out.push_str(",\"format\":");
+    push_json_str(&mut out, info.format.as_str());
+    out.push_str(&format!(",\"size_bytes\":{}", info.size_bytes));
+    out.push_str(",\"signer\":");
+    match &info.signer {
+        Some(s) => push_json_str(&mut out, s),
+        None => out.push_str("null"),
+    }
+    out.push_str(",\"inputs\":[");
+    for (i, s) in sig.inputs.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        spec_json(&mut out, s);
+    }
+    out.push_str("],\"outputs\":[");
+    for (i, s) in sig.outputs.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        spec_json(&mut out, s);
+    }
+    let loaded = d.loaded_at().duration_since(std::time::UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs();
+    out.push_str(&format!(
+        "],\"loaded_at\":{loaded},\"dynamic_batching\":{}}}",
+        shared.batching && d.batches_dynamically()
+    ));
+    out.into_bytes()
+}
+
+/// `GET /v1/drift`: the monitor's latest report (the last closed window,
+/// or the open one before any closed).
+fn drift_answer(d: &Deployed) -> Answer {
+    match d.drift() {
+        Some(monitor) => match serde_json::to_vec(&monitor.report()) {
+            Ok(body) => Answer::json(200, body),
+            Err(e) => Answer::error(&ApiError::internal(format!("cannot encode the drift report: {e}")), false),
+        },
+        None => Answer::error(
+            &ApiError::not_found(format!(
+                "model {:?} has no drift reference (a signed bundle carries one; a plain model file does not)",
+                d.info().name
+            )),
+            false,
+        ),
+    }
+}

@@ -1,0 +1,265 @@
+//! The device's local predict API over HTTP (tiny_http), as a library: the
+//! `outpost-runtime serve` command and the agent both start it with
+//! [`Server::start`].
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use outpost_runtime::server::{Deployed, ModelSlot, Server, ServerConfig};
+//! # fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let slot = Arc::new(ModelSlot::with(Deployed::load_file("fixtures/bc_mlp.onnx", &Default::default())?));
+//! let config = ServerConfig { listen: "127.0.0.1:0".into(), ..ServerConfig::default() };
+//! let server = Server::start(config, slot.clone())?;
+//! println!("serving on http://{}", server.local_addr());
+//! // ... later, switch models with no request failing:
+//! slot.swap(Deployed::load_file("fixtures/bc_gb.onnx", &Default::default())?);
+//! server.shutdown(); // answers what was admitted, then stops
+//! # Ok(()) }
+//! ```
+//!
+//! # Endpoints
+//!
+//! | method, path | answer |
+//! |---|---|
+//! | GET `/health` | 200 `{"status":"healthy"}` while the process serves |
+//! | GET `/ready` | 200 `{"status":"ready"}` once a model is loaded and warm, else 503 |
+//! | POST `/predict` | `{"features":[…]}` → `{"prediction","probability","model":{"name","version"}}`; `{"inputs":{name: array}}` → `{"outputs":{name: array},"model"}` ([`request`], [`response`]) |
+//! | POST `/predict/batch` | `{"instances":[[…],…]}` → `{"predictions":[…],"probabilities":[…],"model"}`, one run |
+//! | `/v2/…` | Open Inference Protocol v2, see [`v2`] |
+//! | GET `/metrics` | Prometheus exposition, see [`metrics`] |
+//! | GET `/v1/model` | name, version, sha256, format, size, signer, inputs, outputs |
+//! | GET `/v1/drift` | the drift report (once the drift monitor is wired in) |
+//!
+//! Errors: see [`error`] for the body and the table of status codes. Bad
+//! input never gets a 5xx and never stops the server.
+//!
+//! # Threads, queueing, batching
+//!
+//! See [`handler`] (who does what, where load is shed) and [`batching`].
+//! The model lives in a [`ModelSlot`]: see [`slot`] for how swapping it
+//! never fails a request.
+
+pub mod batching;
+pub mod config;
+pub mod error;
+pub mod handler;
+pub mod metrics;
+mod queue;
+pub mod request;
+pub mod response;
+pub mod routes;
+pub mod slot;
+pub mod v2;
+
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+pub use config::ServerConfig;
+pub use error::{ApiError, ServerError};
+pub use slot::{sha256_hex, DeployError, Deployed, ModelInfo, ModelSlot, ServingStats, StatsSnapshot};
+
+use handler::Shared;
+use queue::BoundedQueue;
+
+/// Starts servers. See the module docs.
+pub struct Server;
+
+impl Server {
+    /// Binds `config.listen`, starts the threads, and returns at once. The
+    /// server answers from the slot's model; an empty slot makes `/ready`
+    /// and predictions answer 503 until a model is swapped in.
+    pub fn start(config: ServerConfig, slot: Arc<ModelSlot>) -> Result<RunningServer, ServerError> {
+        config.validate().map_err(ServerError::Config)?;
+        let addr = resolve(&config.listen)?;
+        let listener = bind_listener(addr, &config)?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| ServerError::Bind { addr: config.listen.clone(), source })?;
+        let http = tiny_http::Server::from_listener(listener, None).map_err(|e| ServerError::Http(e.to_string()))?;
+        let http = Arc::new(Mutex::new(Arc::new(http)));
+
+        let workers = config.worker_threads();
+        let batching = config.batching_enabled();
+        let work = Arc::new(BoundedQueue::new(config.queue_capacity));
+        let depth_of = work.clone();
+        let metrics = metrics::Metrics::new(slot.clone(), Box::new(move || depth_of.len()));
+        let shared = Arc::new(Shared {
+            jobs: BoundedQueue::new(config.queue_capacity),
+            draining: Arc::new(AtomicUsize::new(0)),
+            config,
+            slot,
+            metrics,
+            work,
+            batching,
+            pending: AtomicUsize::new(0),
+            gather: Mutex::new(()),
+            stopping: AtomicBool::new(false),
+        });
+
+        let mut running = RunningServer {
+            shared: shared.clone(),
+            http: http.clone(),
+            local_addr,
+            dispatcher: None,
+            workers: Vec::new(),
+            runners: Vec::new(),
+        };
+        // If a spawn fails, dropping `running` stops what did start.
+        for i in 0..workers {
+            let s = shared.clone();
+            running.workers.push(spawn(format!("outpost-worker-{i}"), move || handler::work(&s))?);
+        }
+        if batching {
+            for i in 0..workers {
+                let s = shared.clone();
+                running.runners.push(spawn(format!("outpost-batch-{i}"), move || batching::run(&s))?);
+            }
+        }
+        let s = shared.clone();
+        running.dispatcher = Some(spawn("outpost-dispatch".into(), move || dispatch_forever(&s, &http, local_addr))?);
+        log::info!(
+            "listening on http://{local_addr} ({workers} workers, queue {}, dynamic batching {})",
+            shared.config.queue_capacity,
+            if batching {
+                format!("up to {} rows within {:?}", shared.config.max_batch, shared.config.batch_window)
+            } else {
+                "off".to_string()
+            }
+        );
+        Ok(running)
+    }
+}
+
+/// A started server. Dropping it shuts it down.
+pub struct RunningServer {
+    shared: Arc<Shared>,
+    http: Arc<Mutex<Arc<tiny_http::Server>>>,
+    local_addr: SocketAddr,
+    dispatcher: Option<JoinHandle<()>>,
+    workers: Vec<JoinHandle<()>>,
+    runners: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for RunningServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningServer").field("local_addr", &self.local_addr).finish()
+    }
+}
+
+impl RunningServer {
+    /// The address the server listens on (the real port when `listen` asked for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The slot the server answers from (swap models through it).
+    pub fn slot(&self) -> &Arc<ModelSlot> {
+        &self.shared.slot
+    }
+
+    /// The settings it runs with.
+    pub fn config(&self) -> &ServerConfig {
+        &self.shared.config
+    }
+
+    /// Blocks until the server stops (it only stops through [`shutdown`](Self::shutdown)
+    /// from another thread, or with the process).
+    pub fn wait(mut self) {
+        if let Some(d) = self.dispatcher.take() {
+            let _ = d.join();
+        }
+        self.stop();
+    }
+
+    /// Stops taking requests, answers every request already admitted, and
+    /// joins the server's threads. Connections that are open but idle are
+    /// left to tiny_http, which closes them as their clients go.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.shared.stopping.store(true, Ordering::Release);
+        self.http.lock().unwrap_or_else(|p| p.into_inner()).unblock();
+        if let Some(d) = self.dispatcher.take() {
+            let _ = d.join();
+        }
+        // Workers answer what is queued, then see the queue closed.
+        self.shared.work.close();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+        self.shared.jobs.close();
+        for r in self.runners.drain(..) {
+            let _ = r.join();
+        }
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, ServerError> {
+    std::thread::Builder::new().name(name).spawn(f).map_err(ServerError::Spawn)
+}
+
+fn resolve(listen: &str) -> Result<SocketAddr, ServerError> {
+    let mut addrs = listen.to_socket_addrs().map_err(|e| ServerError::Address {
+        addr: listen.to_string(),
+        reason: e.to_string(),
+    })?;
+    addrs.next().ok_or_else(|| ServerError::Address {
+        addr: listen.to_string(),
+        reason: "resolves to no address".to_string(),
+    })
+}
+
+/// A listening socket whose options accepted connections inherit (on Linux):
+/// no Nagle delay on small answers, and read/write timeouts so a client that
+/// stops mid-request cannot hold a thread forever.
+fn bind_listener(addr: SocketAddr, config: &ServerConfig) -> Result<TcpListener, ServerError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let bind_err = |source| ServerError::Bind { addr: addr.to_string(), source };
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(bind_err)?;
+    // A restarted server must not wait for the old one's TIME_WAIT sockets.
+    socket.set_reuse_address(true).map_err(bind_err)?;
+    socket.set_tcp_nodelay(true).map_err(bind_err)?;
+    socket.set_read_timeout(Some(config.io_timeout)).map_err(bind_err)?;
+    socket.set_write_timeout(Some(config.io_timeout)).map_err(bind_err)?;
+    socket.bind(&addr.into()).map_err(bind_err)?;
+    socket.listen(1024).map_err(bind_err)?;
+    Ok(socket.into())
+}
+
+/// Runs the dispatcher; if tiny_http's accept loop dies (it gives up on the
+/// first accept error, e.g. out of file descriptors), listens again on the
+/// same address instead of leaving a process that is alive but deaf.
+fn dispatch_forever(shared: &Shared, http: &Mutex<Arc<tiny_http::Server>>, addr: SocketAddr) {
+    loop {
+        let server = http.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match handler::dispatch(shared, &server) {
+            Ok(()) => return,
+            Err(e) => log::error!("the HTTP listener failed ({e}); listening again on {addr}"),
+        }
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            if shared.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            let fresh = bind_listener(addr, &shared.config)
+                .and_then(|l| tiny_http::Server::from_listener(l, None).map_err(|e| ServerError::Http(e.to_string())));
+            match fresh {
+                Ok(s) => {
+                    *http.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(s);
+                    break;
+                }
+                Err(e) => log::error!("{e}; retrying"),
+            }
+        }
+    }
+}
