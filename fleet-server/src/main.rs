@@ -1,1 +1,58 @@
-fn main() {}
+//! `outpost-fleet`: the fleet server and the operator's command line.
+//! A thin binary: every subcommand is a call into the `outpost_fleet` library.
+
+use clap::{Parser, Subcommand};
+use outpost_fleet::{bundle_cmd, cli, keys};
+
+#[derive(Parser)]
+#[command(name = "outpost-fleet", version, about = "Sign, publish and roll out ML models to a fleet of devices")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Make the root and online signing keys (or, with --rotate, a new online key).
+    Keygen(keys::KeygenArgs),
+    /// Make a signed .outpost bundle from a model file (offline).
+    Bundle(bundle_cmd::BundleArgs),
+    /// Run the fleet server (API, embedded broker, artifact serving).
+    Serve(cli::ServeArgs),
+    /// Register a device and write its ready-to-flash agent config.
+    Provision(cli::ProvisionArgs),
+    /// List the fleet's devices.
+    Devices(cli::ListArgs),
+    /// List published model versions.
+    Models(cli::ListArgs),
+    /// Upload a model; the server gates it on accuracy, signs and stores it.
+    Publish(cli::PublishArgs),
+    /// Set devices' desired version directly: NAME@VERSION --devices ID,…
+    Deploy(cli::DeployArgs),
+    /// Show the audit log of operator actions.
+    Audit(cli::AuditArgs),
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,rumqttd=warn,rumqttd::router::routing=off")).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Keygen(args) => keys::keygen_command(&args),
+        Command::Bundle(args) => bundle_cmd::bundle_command(&args),
+        Command::Serve(args) => cli::serve(&args),
+        Command::Provision(args) => cli::provision(&args),
+        Command::Devices(args) => cli::devices(&args),
+        Command::Models(args) => cli::models(&args),
+        Command::Publish(args) => cli::publish(&args),
+        Command::Deploy(args) => cli::deploy(&args),
+        Command::Audit(args) => cli::audit(&args),
+    };
+    match result {
+        Ok(out) => println!("{out}"),
+        Err(e) => {
+            // One line with the whole cause chain: what failed and why.
+            eprintln!("outpost-fleet: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

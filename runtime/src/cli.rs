@@ -114,3 +114,119 @@ fn load_for_serving(args: &ServeArgs) -> anyhow::Result<outpost_runtime::server:
         Err(e) => anyhow::bail!("the bundle's drift reference is unusable: {e}"),
     }
 }
+
+/// `outpost-runtime batch`: see [`outpost_runtime::batch`].
+#[derive(clap::Args)]
+pub struct BatchArgs {
+    /// Model file: .onnx, .tflite, or a signed .outpost bundle (with --trust).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Root public key to verify a signed .outpost bundle against.
+    #[arg(long)]
+    pub trust: Option<PathBuf>,
+    /// Rows to predict: CSV (header optional) or JSON Lines (.jsonl, .ndjson); `-` reads stdin.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Where predictions go, one row per good input row in input order:
+    /// CSV, or JSON Lines by extension; `-` writes stdout. Written as
+    /// OUTPUT.partial and renamed when complete.
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Rows per model run.
+    #[arg(long, default_value_t = 1024)]
+    pub batch_size: usize,
+    /// Worker threads (default: number of cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// The last column (or the JSON "label" field) is the true label: report accuracy.
+    #[arg(long)]
+    pub label_column: bool,
+    /// Bad rows, as `line,reason` (default: OUTPUT.errors).
+    #[arg(long)]
+    pub errors: Option<PathBuf>,
+    /// Input format, when the extension does not say it.
+    #[arg(long, value_enum)]
+    pub input_format: Option<BatchFormat>,
+    /// Output format, when the extension does not say it.
+    #[arg(long, value_enum)]
+    pub output_format: Option<BatchFormat>,
+    /// Write every model output, flattened, instead of prediction and probability.
+    #[arg(long)]
+    pub all_outputs: bool,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum BatchFormat {
+    Csv,
+    Jsonl,
+}
+
+pub fn batch(args: BatchArgs) -> anyhow::Result<()> {
+    use outpost_runtime::batch::{run_files, BatchOptions, InputFormat, OutputFormat};
+
+    if args.json && args.output == std::path::Path::new("-") {
+        anyhow::bail!("--json prints the summary on stdout, where --output - already writes the predictions");
+    }
+    let model = load_for_batch(&args.model, args.trust.as_deref())?;
+    let mut options = BatchOptions::for_files(&args.input, &args.output);
+    if let Some(f) = args.input_format {
+        options.input_format = match f {
+            BatchFormat::Csv => InputFormat::Csv,
+            BatchFormat::Jsonl => InputFormat::JsonLines,
+        };
+    }
+    // Writing to stdout, the output follows the input's format unless told.
+    options.output_format = match (args.output_format, args.output == std::path::Path::new("-")) {
+        (Some(BatchFormat::Csv), _) => OutputFormat::Csv,
+        (Some(BatchFormat::Jsonl), _) => OutputFormat::JsonLines,
+        (None, true) if options.input_format == InputFormat::JsonLines => OutputFormat::JsonLines,
+        (None, _) => options.output_format,
+    };
+    options.batch_size = args.batch_size;
+    options.threads = args.threads.unwrap_or(0);
+    options.label_column = args.label_column;
+    options.all_outputs = args.all_outputs;
+    let summary = run_files(&model, &args.input, &args.output, args.errors.as_deref(), &options)
+        .with_context(|| format!("batch {} → {}", args.input.display(), args.output.display()))?;
+    eprintln!("{summary}");
+    if summary.rows_bad > 0 {
+        let errors = args.errors.clone().unwrap_or_else(|| {
+            if args.output == std::path::Path::new("-") {
+                PathBuf::from("batch.errors")
+            } else {
+                PathBuf::from(format!("{}.errors", args.output.display()))
+            }
+        });
+        eprintln!("{} bad rows: see {}", summary.rows_bad, errors.display());
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    }
+    Ok(())
+}
+
+/// A plain model file as it is; a signed bundle only after verification
+/// (as `serve` does), keeping just the model.
+fn load_for_batch(path: &std::path::Path, trust: Option<&std::path::Path>) -> anyhow::Result<outpost_runtime::model::Model> {
+    use outpost_runtime::bundle::{open_verified, Freshness, TrustRoot, VerifyOptions};
+    use outpost_runtime::model::Model;
+
+    let is_bundle = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("outpost"));
+    if !is_bundle {
+        if trust.is_some() {
+            anyhow::bail!("--trust verifies signed .outpost bundles; {} is a plain model file", path.display());
+        }
+        return Model::load(path, &Default::default()).with_context(|| format!("loading {}", path.display()));
+    }
+    let Some(trust) = trust else {
+        anyhow::bail!("{} is a signed bundle: pass --trust ROOT.pub to verify it", path.display());
+    };
+    let root = TrustRoot::read_file(trust).with_context(|| format!("reading trust root {}", trust.display()))?;
+    let verified = open_verified(path, &root, &VerifyOptions::new(Freshness::NothingAcceptedYet), &Default::default())
+        .with_context(|| format!("opening {}", path.display()))?;
+    log::info!("verified bundle {} (signed by {})", verified.header.value.id(), verified.header.signer);
+    Ok(verified.model)
+}

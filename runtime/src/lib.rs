@@ -9,10 +9,16 @@
 //! - [`model`]: loading (ONNX, TFLite, with the rewrites tract needs) and inference.
 //! - [`drift`]: reference and device sketches, drift statistics, verdicts.
 //! - [`bundle`]: keys, signed manifests, the `.outpost` bundle and its verification.
+//! - [`batch`]: predicting a whole CSV / JSON Lines file in flat memory.
+//! - [`stream`]: predicting MQTT messages and publishing the answers.
+//! - [`protocol`]: the MQTT topics and messages between the fleet and its devices.
 
+pub mod batch;
 pub mod bundle;
 pub mod dataset;
 pub mod drift;
 pub mod model;
+pub mod protocol;
 pub mod server;
+pub mod stream;
 pub mod tensor;

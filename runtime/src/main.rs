@@ -14,6 +14,12 @@ struct Cli {
 enum Command {
     /// Serve a model over HTTP (seed-style /predict, Open Inference Protocol v2, /metrics).
     Serve(cli::ServeArgs),
+    /// Predict every row of a CSV or JSON Lines file, streaming, in input order.
+    Batch(cli::BatchArgs),
+    /// Verify a signed .outpost bundle against the pinned root key.
+    Verify(outpost_runtime::bundle::cli::VerifyArgs),
+    /// Show a bundle's manifest and certificates as JSON (nothing is verified).
+    Inspect(outpost_runtime::bundle::cli::InspectArgs),
 }
 
 mod cli;
@@ -23,6 +29,9 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => cli::serve(args),
+        Command::Batch(args) => cli::batch(args),
+        Command::Verify(args) => outpost_runtime::bundle::cli::verify(&args).map(|out| println!("{out}")),
+        Command::Inspect(args) => outpost_runtime::bundle::cli::inspect(&args).map(|out| println!("{out}")),
     };
     if let Err(e) = result {
         // One line with the whole cause chain: what failed and why.

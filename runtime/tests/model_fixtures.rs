@@ -62,12 +62,14 @@ fn tolerance(model: &str) -> Tolerance {
         // Dynamic quantization: activations are quantized per call with a
         // scale of (max - min) / 255. tract and onnxruntime can round a value
         // that lies on a half step differently, moving one activation by one
-        // step; through two layers that is ~1e-2 on a probability.
-        // A label may flip only where the two classes are that close.
-        "bc_mlp_int8.onnx" => Tolerance { abs: 2e-2, rel: 0.0, label_mismatches: 1 },
+        // step. Measured on x86: 7.5e-5; the bound leaves room for other
+        // kernels (aarch64) to round a tie the other way.
+        "bc_mlp_int8.onnx" => Tolerance { abs: 2e-3, rel: 0.0, label_mismatches: 0 },
         // Static QDQ: fixed scales, int8 arithmetic with int32 accumulation;
         // requantization rounding may differ by one step of the output scale.
-        "bc_mlp_qdq.onnx" => Tolerance { abs: 2e-2, rel: 0.0, label_mismatches: 1 },
+        // Measured on x86: 4.8e-7 (tract evaluates the QDQ MatMuls exactly as
+        // written); same margin for rounding ties as above.
+        "bc_mlp_qdq.onnx" => Tolerance { abs: 1e-3, rel: 0.0, label_mismatches: 0 },
         // Static QDQ CNN: the reference runs the QDQ graph as written
         // (onnxruntime without graph fusions). We keep the float softmax
         // where the graph rounds it to steps of 1/255 (see model::onnx),

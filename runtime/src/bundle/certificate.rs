@@ -35,9 +35,10 @@ pub struct Certificate {
     /// Always [`CERTIFICATE_FORMAT`]; first, so it is the first encoded byte.
     pub format: u32,
     pub role: KeyRole,
-    /// Rises by one with each rotation. A device that remembers the highest
-    /// serial it has seen refuses older certificates, which revokes a
-    /// rotated-out key before it expires.
+    /// Rises with each rotation (`outpost-fleet keygen` uses the issue time
+    /// in unix seconds). A device that remembers the highest serial it has
+    /// seen refuses older certificates, which revokes a rotated-out key
+    /// before it expires.
     pub serial: u64,
     /// Id of `public_key`; checked, so the id shown in errors can be trusted.
     pub key_id: KeyId,

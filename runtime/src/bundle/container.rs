@@ -461,7 +461,7 @@ pub fn read_bundle_unverified<R: Read>(mut reader: R, limits: &Limits) -> Result
 
 /// Reads a whole file, refusing one over `limit` bytes without reading past it.
 pub(crate) fn read_file_limited(path: &Path, limit: u64) -> Result<Vec<u8>, VerifyError> {
-    let io = |source| VerifyError::Io { path: path.into(), source };
+    let io = |error| VerifyError::Io { path: path.into(), error };
     let file = std::fs::File::open(path).map_err(io)?;
     let mut bytes = Vec::new();
     file.take(limit + 1).read_to_end(&mut bytes).map_err(io)?;

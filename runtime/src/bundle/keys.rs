@@ -48,8 +48,8 @@ const SECRET_TAG: &str = "outpost-ed25519-secret-v1";
 /// Errors reading, writing or making keys.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path}: key file is larger than {limit} bytes")]
     TooLarge { path: PathBuf, limit: u32 },
     #[error("{path}: {reason}")]
@@ -248,7 +248,7 @@ impl SecretKey {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let meta = std::fs::metadata(path).map_err(|source| KeyError::Io { path: path.into(), source })?;
+            let meta = std::fs::metadata(path).map_err(|error| KeyError::Io { path: path.into(), error })?;
             let mode = meta.permissions().mode() & 0o777;
             if mode & 0o077 != 0 {
                 return Err(KeyError::InsecurePermissions { path: path.into(), mode });
@@ -312,13 +312,13 @@ fn parse_key_text(text: &str, path: &Path, expected_tag: &'static str) -> Result
 
 fn read_key_file(path: &Path) -> Result<String, KeyError> {
     let limit = Limits::default().key_file_bytes;
-    let file = std::fs::File::open(path).map_err(|source| KeyError::Io { path: path.into(), source })?;
+    let file = std::fs::File::open(path).map_err(|error| KeyError::Io { path: path.into(), error })?;
     let mut text = String::new();
     // Read one byte past the limit so "exactly at the limit" and "over it"
     // can be told apart without trusting the file's reported length.
     file.take(limit as u64 + 1)
         .read_to_string(&mut text)
-        .map_err(|source| KeyError::Io { path: path.into(), source })?;
+        .map_err(|error| KeyError::Io { path: path.into(), error })?;
     if text.len() > limit as usize {
         return Err(KeyError::TooLarge { path: path.into(), limit });
     }
@@ -329,7 +329,7 @@ fn read_key_file(path: &Path) -> Result<String, KeyError> {
 /// fsyncs it and renames it over `path`: a crash leaves the old file or the
 /// new one, never half a key.
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), KeyError> {
-    let io_err = |source| KeyError::Io { path: path.into(), source };
+    let io_err = |error| KeyError::Io { path: path.into(), error };
     let file_name = path.file_name().ok_or_else(|| KeyError::Format {
         path: path.into(),
         reason: "not a file path".into(),

@@ -11,16 +11,37 @@ use crate::model::{LoadError, LoadOptions, Model};
 use crate::tensor::ModelSignature;
 
 /// Why a bundle could not be turned into a servable model.
+///
+/// Messages include their cause, so no variant reports it again as
+/// `source()` (an `anyhow` chain would print it twice).
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     #[error("bundle refused: {0}")]
-    Verify(#[from] VerifyError),
+    Verify(VerifyError),
     #[error("the bundle's model does not load: {0}")]
-    Load(#[from] LoadError),
+    Load(LoadError),
     #[error("the model reads as {found:?}, but its manifest says {expected:?}")]
     SignatureMismatch { expected: Box<ModelSignature>, found: Box<ModelSignature> },
     #[error("self-test failed: {0}")]
-    SelfTest(#[from] SelfTestError),
+    SelfTest(SelfTestError),
+}
+
+impl From<VerifyError> for OpenError {
+    fn from(e: VerifyError) -> Self {
+        OpenError::Verify(e)
+    }
+}
+
+impl From<LoadError> for OpenError {
+    fn from(e: LoadError) -> Self {
+        OpenError::Load(e)
+    }
+}
+
+impl From<SelfTestError> for OpenError {
+    fn from(e: SelfTestError) -> Self {
+        OpenError::SelfTest(e)
+    }
 }
 
 /// A model from a bundle whose checks all passed.

@@ -152,11 +152,7 @@ impl SignedPayload for Manifest {
 
     fn validate(&self, limits: &Limits) -> Result<(), String> {
         validate_name(&self.name)?;
-        if self.version.len() > MAX_VERSION_LEN {
-            return Err(format!("version is longer than {MAX_VERSION_LEN} bytes"));
-        }
-        semver::Version::parse(&self.version)
-            .map_err(|e| format!("version {:?} is not a semantic version: {e}", self.version))?;
+        validate_version(&self.version)?;
         if self.model_size > limits.model_bytes {
             return Err(format!("model size {} is over the limit of {} bytes", self.model_size, limits.model_bytes));
         }
@@ -176,6 +172,16 @@ pub fn validate_name(name: &str) -> Result<(), String> {
         return Err(format!("name {name:?} contains {c:?}; use letters, digits, '.', '_' and '-'"));
     }
     Ok(())
+}
+
+/// Checks a version: a semantic version of at most 64 bytes.
+pub fn validate_version(version: &str) -> Result<(), String> {
+    if version.len() > MAX_VERSION_LEN {
+        return Err(format!("version is longer than {MAX_VERSION_LEN} bytes"));
+    }
+    semver::Version::parse(version)
+        .map(|_| ())
+        .map_err(|e| format!("version {version:?} is not a semantic version: {e}"))
 }
 
 #[cfg(test)]

@@ -94,8 +94,8 @@ pub fn signing_message(kind: &str, payload: &[u8]) -> Vec<u8> {
 /// Errors while signing.
 #[derive(Debug, thiserror::Error)]
 pub enum SignError {
-    #[error("encoding the {kind}: {source}")]
-    Encode { kind: &'static str, source: postcard::Error },
+    #[error("encoding the {kind}: {error}")]
+    Encode { kind: &'static str, error: postcard::Error },
     #[error("refusing to sign an invalid {kind}: {reason}")]
     Invalid { kind: &'static str, reason: String },
     #[error("the {kind} does not start with format number {format}; its first field must be `format`")]
@@ -148,7 +148,7 @@ impl<T: SignedPayload> Signed<T> {
         value
             .validate(&Limits::default())
             .map_err(|reason| SignError::Invalid { kind: T::KIND, reason })?;
-        let payload = postcard::to_stdvec(value).map_err(|source| SignError::Encode { kind: T::KIND, source })?;
+        let payload = postcard::to_stdvec(value).map_err(|error| SignError::Encode { kind: T::KIND, error })?;
         // Enforce the "format number first" rule on the writing side too, so a
         // struct that forgets it fails in the fleet's tests, not on devices.
         if read_format(&payload) != Some(T::FORMAT) {
@@ -306,7 +306,7 @@ impl Signer {
     /// to publish (e.g. as a retained `devices/{id}/desired` message).
     pub fn seal<T: SignedPayload>(&self, value: &T) -> Result<Vec<u8>, SignError> {
         let envelope = Envelope { certificates: vec![self.certificate.clone()], signed: self.sign(value)? };
-        postcard::to_stdvec(&envelope).map_err(|source| SignError::Encode { kind: T::KIND, source })
+        postcard::to_stdvec(&envelope).map_err(|error| SignError::Encode { kind: T::KIND, error })
     }
 }
 

@@ -74,8 +74,8 @@ pub enum VerifyError {
     #[error("model digest mismatch: the manifest says sha256 {expected}, the model hashes to {found}")]
     DigestMismatch { expected: Digest, found: Digest },
 
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("reading the bundle: {0}")]
     Read(std::io::Error),
     #[error("writing the model: {0}")]
@@ -365,7 +365,7 @@ pub fn verify_bundle_file(
     options: &VerifyOptions,
 ) -> Result<VerifiedBundle, VerifyError> {
     let path = path.as_ref();
-    let file = std::fs::File::open(path).map_err(|source| VerifyError::Io { path: path.into(), source })?;
+    let file = std::fs::File::open(path).map_err(|error| VerifyError::Io { path: path.into(), error })?;
     let mut model = Vec::new();
     let header = verify_bundle_reader(std::io::BufReader::new(file), &mut model, trust, options)?;
     Ok(VerifiedBundle { header, model })

@@ -65,6 +65,13 @@ fn fix_quantized_softmax(
         let input = node.inputs.first().copied().ok_or_else(|| LoadError::Prepare {
             reason: format!("SOFTMAX {name:?} has no input"),
         })?;
+        // The model declares `wanted`: give the node that type first, so the
+        // patch substitutes like for like; later nodes' facts are refreshed
+        // once all softmaxes are patched.
+        let outlet = OutletId::new(id, 0);
+        let mut fact = model.outlet_fact(outlet).map_err(prepare_err)?.clone();
+        fact.datum_type = wanted;
+        model.set_outlet_fact(outlet, fact).map_err(prepare_err)?;
         let patch = || -> TractResult<TypedModelPatch> {
             let mut patch = TypedModelPatch::default();
             let tapped = patch.tap_model(model, input)?;
@@ -72,10 +79,13 @@ fn fix_quantized_softmax(
             if computed != wanted {
                 wire = patch.wire_node(format!("{name}.requantize"), cast(wanted), &wire)?;
             }
-            patch.shunt_outside(model, OutletId::new(id, 0), wire[0])?;
+            patch.shunt_outside(model, outlet, wire[0])?;
             Ok(patch)
         };
         patch().and_then(|p| p.apply(model)).map_err(prepare_err)?;
+    }
+    if !fixes.is_empty() {
+        model.refresh_output_facts().map_err(prepare_err)?;
     }
     Ok(())
 }

@@ -181,6 +181,7 @@ pub(crate) fn prepare(bytes: &[u8]) -> Result<Prepared<'_>, LoadError> {
     graph.decompose_prelu();
     graph.fill_missing_bias()?;
     graph.per_channel_fully_connected_as_conv();
+    graph.normalize_reduction_axes()?;
     graph.check_for_tract()?;
     let output_names = graph.outputs.iter().map(|t| graph.tensors[*t].name.to_string()).collect();
     let quantized_softmax = graph.quantized_softmax()?;
@@ -421,6 +422,7 @@ impl<'a> Graph<'a> {
         }
         let tensor_count = flat_tensors.len();
         let mut changes = vec![];
+        let mut shapeless = vec![];
         let mut tensors = Vec::with_capacity(tensor_count);
         for (ix, t) in flat_tensors.iter().enumerate() {
             let buffer = t.buffer() as usize;
@@ -477,6 +479,9 @@ impl<'a> Graph<'a> {
             if t.name().is_none() || shape.is_none() {
                 // Marked as a change only if the tensor is used, see below.
                 changes.push(ix);
+            }
+            if shape.is_none() {
+                shapeless.push(ix);
             }
         }
 
@@ -546,6 +551,11 @@ impl<'a> Graph<'a> {
             outputs,
             changes: vec![],
         };
+        // A scalar shape is harmless on an operator's output (tract computes
+        // its own), not on an input the caller must feed.
+        if let Some(t) = graph.inputs.iter().find(|t| shapeless.contains(t)) {
+            return Err(refused(format!("graph input {} has no shape", graph.tensor_label(*t))));
+        }
         let used = graph.used_tensors();
         if changes.iter().any(|ix| used[*ix]) {
             graph.changes.push("named unnamed tensors and gave shapeless tensors a scalar shape".into());
@@ -1128,6 +1138,67 @@ impl<'a> Graph<'a> {
         (per_channel && quantized && dims && weights_axis_0).then_some((x, w, b, y, options.fused_activation_function()))
     }
 
+    /// tract-tflite casts reduction axes to `usize` as they are: TFLite's
+    /// negative axes (counted from the end) would become huge indices.
+    /// Rewrites the constant with the axes counted from the start.
+    fn normalize_reduction_axes(&mut self) -> Result<(), LoadError> {
+        let mut count = 0;
+        for ix in 0..self.ops.len() {
+            let op = &self.ops[ix];
+            if !matches!(
+                self.code(op),
+                BuiltinOperator::MEAN
+                    | BuiltinOperator::SUM
+                    | BuiltinOperator::REDUCE_MAX
+                    | BuiltinOperator::REDUCE_MIN
+                    | BuiltinOperator::REDUCE_PROD
+            ) {
+                continue;
+            }
+            let (Some(Some(x)), Some(Some(axes))) = (op.inputs.first(), op.inputs.get(1)) else { continue };
+            let (x, axes) = (*x, *axes);
+            if self.tensors[axes].dtype != TensorType::INT32 {
+                continue;
+            }
+            let Some(data) = self.constant_data(axes) else { continue };
+            let values: Vec<i32> =
+                data.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            let rank = self.tensors[x].shape.len() as i32;
+            let label = self.node_label(&self.ops[ix]);
+            if values.iter().any(|a| *a >= rank || *a < -rank) {
+                return Err(malformed(format!("{label}: reduction axes {values:?} out of rank {rank}")));
+            }
+            if values.iter().all(|a| *a >= 0) {
+                continue;
+            }
+            let fixed = values
+                .iter()
+                .map(|a| {
+                    let axis = if *a < 0 { a + rank } else { *a };
+                    if (0..rank).contains(&axis) {
+                        Ok(axis)
+                    } else {
+                        Err(malformed(format!("{label}: reduction axis {a} out of rank {rank}")))
+                    }
+                })
+                .collect::<Result<Vec<i32>, _>>()?;
+            // A tensor of its own: the axes constant may be shared.
+            let mut tensor = self.tensors[axes].clone();
+            tensor.name = Cow::Owned(format!("{}/axes_from_start", tensor.name));
+            tensor.buffer = self.add_buffer(fixed.iter().flat_map(|a| a.to_le_bytes()).collect());
+            self.tensors.push(tensor);
+            let new = self.tensors.len() - 1;
+            if let Some(slot) = self.ops[ix].inputs.get_mut(1) {
+                *slot = Some(new);
+            }
+            count += 1;
+        }
+        if count > 0 {
+            self.changes.push(format!("counted the negative reduction axes of {count} operator(s) from the start"));
+        }
+        Ok(())
+    }
+
     /// Everything left must be something tract-tflite reads without
     /// panicking: the operators it registers, used the way it expects.
     fn check_for_tract(&self) -> Result<(), LoadError> {
@@ -1193,14 +1264,52 @@ impl<'a> Graph<'a> {
                 | BuiltinOperator::DEPTHWISE_CONV_2D
                 | BuiltinOperator::AVERAGE_POOL_2D
                 | BuiltinOperator::MAX_POOL_2D => {
-                    let padding = options.and_then(|o| {
+                    // (padding, [strides, dilations or filter size]); tract
+                    // divides by and iterates over these unchecked.
+                    let geometry = options.and_then(|o| {
                         o.builtin_options_as_conv_2_doptions()
-                            .map(|o| o.padding())
-                            .or_else(|| o.builtin_options_as_depthwise_conv_2_doptions().map(|o| o.padding()))
-                            .or_else(|| o.builtin_options_as_pool_2_doptions().map(|o| o.padding()))
+                            .map(|c| {
+                                (c.padding(), [c.stride_h(), c.stride_w(), c.dilation_h_factor(), c.dilation_w_factor()])
+                            })
+                            .or_else(|| {
+                                o.builtin_options_as_depthwise_conv_2_doptions().map(|c| {
+                                    (
+                                        c.padding(),
+                                        [c.stride_h(), c.stride_w(), c.dilation_h_factor(), c.dilation_w_factor()],
+                                    )
+                                })
+                            })
+                            .or_else(|| {
+                                o.builtin_options_as_pool_2_doptions().map(|p| {
+                                    (p.padding(), [p.stride_h(), p.stride_w(), p.filter_height(), p.filter_width()])
+                                })
+                            })
                     });
-                    if !matches!(padding, Some(fb::Padding::SAME) | Some(fb::Padding::VALID)) {
+                    let Some((padding, sizes)) = geometry else {
+                        return Err(unsupported(format!("{name} without its options")));
+                    };
+                    if !matches!(padding, fb::Padding::SAME | fb::Padding::VALID) {
                         return Err(unsupported(format!("{name} without SAME or VALID padding")));
+                    }
+                    if sizes.iter().any(|v| *v < 1) {
+                        return Err(unsupported(format!("{name} with a stride, dilation or window below 1")));
+                    }
+                    let rank = |t: Option<usize>| t.map(|t| self.tensors[t].shape.len());
+                    let is_conv = matches!(code, BuiltinOperator::CONV_2D | BuiltinOperator::DEPTHWISE_CONV_2D);
+                    if rank(input(0)) != Some(4) || is_conv && rank(input(1)) != Some(4) {
+                        return Err(unsupported(format!("{name} on tensors that are not 4-D (NHWC / OHWI)")));
+                    }
+                }
+                BuiltinOperator::SOFTMAX => {
+                    if input(0).is_none_or(|t| self.tensors[t].shape.is_empty()) {
+                        return Err(unsupported(format!("{name} on a scalar")));
+                    }
+                }
+                BuiltinOperator::CONCATENATION => {
+                    let rank = input(0).map(|t| self.tensors[t].shape.len() as i32).unwrap_or(0);
+                    let axis = options.and_then(|o| o.builtin_options_as_concatenation_options()).map(|c| c.axis());
+                    if !axis.is_some_and(|a| (-rank..rank).contains(&a)) {
+                        return Err(unsupported(format!("{name} along axis {axis:?} of a rank-{rank} tensor")));
                     }
                 }
                 _ => {}
@@ -1221,6 +1330,14 @@ impl<'a> Graph<'a> {
         }
         for t in &self.inputs {
             let tensor = &self.tensors[*t];
+            // Dimensions come from `shape`, fixed: an empty one makes the
+            // model meaningless and some tract kernels divide by it.
+            if tensor.shape.iter().any(|d| *d < 1) {
+                return Err(refused(format!(
+                    "graph input {:?} has shape {:?}: every dimension must be at least 1",
+                    tensor.name, tensor.shape
+                )));
+            }
             if let Some((scale, zp)) = tensor.quant.as_ref().and_then(Quant::params) {
                 // tract skips per-axis quantized inputs, which would shift
                 // every input after it.
@@ -1774,4 +1891,216 @@ fn copy_options<'fb>(
         }
     };
     Ok((ty, Some(offset)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures").join(name);
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    fn ops_of(bytes: &[u8]) -> Vec<String> {
+        let model = fb::root_as_model(bytes).expect("valid model");
+        let graph = Graph::read(&model).expect("readable");
+        graph.ops.iter().map(|op| graph.code_name(op)).collect()
+    }
+
+    #[test]
+    fn float_model_takes_the_fast_path() {
+        let bytes = fixture("digits_cnn.tflite");
+        let prepared = prepare(&bytes).expect("prepares");
+        assert!(matches!(prepared.bytes, Cow::Borrowed(_)), "changes: {:?}", prepared.changes);
+        assert_eq!(prepared.inputs, vec![InputAdapter::Direct]);
+        assert_eq!(prepared.outputs, vec![OutputAdapter::Direct]);
+    }
+
+    #[test]
+    fn float16_weights_are_folded_into_float32_constants() {
+        let bytes = fixture("digits_cnn_fp16.tflite");
+        assert!(ops_of(&bytes).iter().any(|op| op == "DEQUANTIZE"));
+        let prepared = prepare(&bytes).expect("prepares");
+        let ops = ops_of(&prepared.bytes);
+        assert_eq!(ops, ["CONV_2D", "MAX_POOL_2D", "CONV_2D", "RESHAPE", "FULLY_CONNECTED", "SOFTMAX"]);
+        let model = fb::root_as_model(&prepared.bytes).expect("valid");
+        let tensors = model.subgraphs().expect("subgraphs").get(0).tensors().expect("tensors");
+        assert!(tensors.iter().all(|t| t.type_() != TensorType::FLOAT16), "no float16 tensor is left");
+        // The fast path's output agrees: same interface.
+        assert_eq!(prepared.inputs, vec![InputAdapter::Direct]);
+    }
+
+    #[test]
+    fn int8_edges_move_into_the_runtime() {
+        let bytes = fixture("digits_cnn_int8.tflite");
+        let prepared = prepare(&bytes).expect("prepares");
+        let ops = ops_of(&prepared.bytes);
+        assert!(!ops.iter().any(|op| op == "QUANTIZE" || op == "DEQUANTIZE"), "{ops:?}");
+        let [InputAdapter::Quantize(qi)] = prepared.inputs[..] else { panic!("{:?}", prepared.inputs) };
+        let [OutputAdapter::Dequantize(qo)] = prepared.outputs[..] else { panic!("{:?}", prepared.outputs) };
+        assert_eq!(qi.element_type, ElementType::I8);
+        // TFLite's int8 softmax output is always scale 1/256, zero point -128.
+        assert_eq!((qo.scale, qo.zero_point, qo.element_type), (1.0 / 256.0, -128, ElementType::I8));
+        assert_eq!(prepared.output_names, vec!["StatefulPartitionedCall_1:0".to_string()]);
+        assert_eq!(prepared.quantized_softmax.len(), 1);
+        let model = fb::root_as_model(&prepared.bytes).expect("valid");
+        let graph = model.subgraphs().expect("subgraphs").get(0);
+        let tensors = graph.tensors().expect("tensors");
+        let input = tensors.get(graph.inputs().expect("inputs").get(0) as usize);
+        assert_eq!(input.name(), Some("serving_default_image:0"));
+        assert_eq!(input.type_(), TensorType::INT8);
+    }
+
+    #[test]
+    fn prelu_is_decomposed() {
+        let bytes = fixture("bc_mlp_prelu.tflite");
+        let prepared = prepare(&bytes).expect("prepares");
+        let ops = ops_of(&prepared.bytes);
+        assert!(!ops.iter().any(|op| op == "PRELU"), "{ops:?}");
+        for op in ["MAXIMUM", "MINIMUM", "MUL", "ADD"] {
+            assert!(ops.iter().any(|o| o == op), "{op} in {ops:?}");
+        }
+    }
+
+    #[test]
+    fn per_axis_int8_constants_dequantize_per_channel() {
+        let t = Tensor {
+            name: "w".into(),
+            shape: vec![2, 3],
+            shape_signature: None,
+            dtype: TensorType::INT8,
+            buffer: 1,
+            quant: Some(Quant {
+                scale: Some(vec![0.5, 0.25]),
+                zero_point: Some(vec![0, 2]),
+                min: None,
+                max: None,
+                quantized_dimension: 0,
+            }),
+            is_variable: false,
+            has_rank: true,
+        };
+        let data = [2i8, -4, 6, 2, 6, -2].map(|v| v as u8);
+        let values = dequantize_constant(&t, &data).expect("dequantizes");
+        assert_eq!(values, vec![1.0, -2.0, 3.0, 0.0, 1.0, -1.0]);
+        let mut axis1 = t.clone();
+        axis1.shape = vec![3, 2];
+        if let Some(q) = &mut axis1.quant {
+            q.quantized_dimension = 1;
+        }
+        let values = dequantize_constant(&axis1, &data).expect("dequantizes");
+        // Channel alternates along the last axis.
+        assert_eq!(values, vec![1.0, -1.5, 3.0, 0.0, 3.0, -1.0]);
+        assert!(dequantize_constant(&axis1, &data[..5]).is_err(), "short data is refused");
+    }
+
+    #[test]
+    fn float16_constants_convert_exactly() {
+        let t = Tensor {
+            name: "h".into(),
+            shape: vec![4],
+            shape_signature: None,
+            dtype: TensorType::FLOAT16,
+            buffer: 1,
+            quant: None,
+            is_variable: false,
+            has_rank: true,
+        };
+        let values = [1.0f32, -0.333_251_95, 65504.0, 6.1035156e-5];
+        let data: Vec<u8> = values.iter().flat_map(|v| f16::from_f32(*v).to_bits().to_le_bytes()).collect();
+        assert_eq!(dequantize_constant(&t, &data).expect("converts"), values.to_vec());
+    }
+
+    /// Builds a model with one operator per option table (non-default
+    /// values), forces a rewrite, and checks every table comes back equal.
+    #[test]
+    fn option_tables_survive_the_rewrite() {
+        use fb::ActivationFunctionType as Act;
+        let mut fbb = FlatBufferBuilder::new();
+        macro_rules! opt {
+            ($ty:ident, $args:ident { $($f:ident : $v:expr),* }) => {
+                (BuiltinOptions::$ty, fb::$ty::create(&mut fbb, &fb::$args { $($f: $v),* }).as_union_value())
+            };
+        }
+        let new_shape = fbb.create_vector(&[-1i32, 4]);
+        let squeeze_dims = fbb.create_vector(&[0i32, 2]);
+        let options = vec![
+            (BuiltinOperator::CONV_2D, opt!(Conv2DOptions, Conv2DOptionsArgs { padding: fb::Padding::VALID, stride_w: 2, stride_h: 3, fused_activation_function: Act::RELU6, dilation_w_factor: 4, dilation_h_factor: 5 })),
+            (BuiltinOperator::DEPTHWISE_CONV_2D, opt!(DepthwiseConv2DOptions, DepthwiseConv2DOptionsArgs { padding: fb::Padding::VALID, stride_w: 2, stride_h: 3, depth_multiplier: 4, fused_activation_function: Act::RELU, dilation_w_factor: 5, dilation_h_factor: 6 })),
+            (BuiltinOperator::MAX_POOL_2D, opt!(Pool2DOptions, Pool2DOptionsArgs { padding: fb::Padding::VALID, stride_w: 2, stride_h: 3, filter_width: 4, filter_height: 5, fused_activation_function: Act::RELU })),
+            (BuiltinOperator::FULLY_CONNECTED, opt!(FullyConnectedOptions, FullyConnectedOptionsArgs { fused_activation_function: Act::RELU, weights_format: fb::FullyConnectedOptionsWeightsFormat::SHUFFLED4x16INT8, keep_num_dims: true, asymmetric_quantize_inputs: true })),
+            (BuiltinOperator::SOFTMAX, opt!(SoftmaxOptions, SoftmaxOptionsArgs { beta: 0.5 })),
+            (BuiltinOperator::CONCATENATION, opt!(ConcatenationOptions, ConcatenationOptionsArgs { axis: -1, fused_activation_function: Act::RELU })),
+            (BuiltinOperator::ADD, opt!(AddOptions, AddOptionsArgs { fused_activation_function: Act::RELU6, pot_scale_int16: true })),
+            (BuiltinOperator::SUB, opt!(SubOptions, SubOptionsArgs { fused_activation_function: Act::RELU, pot_scale_int16: true })),
+            (BuiltinOperator::MUL, opt!(MulOptions, MulOptionsArgs { fused_activation_function: Act::RELU })),
+            (BuiltinOperator::DIV, opt!(DivOptions, DivOptionsArgs { fused_activation_function: Act::RELU })),
+            (BuiltinOperator::RESHAPE, opt!(ReshapeOptions, ReshapeOptionsArgs { new_shape: Some(new_shape) })),
+            (BuiltinOperator::SQUEEZE, opt!(SqueezeOptions, SqueezeOptionsArgs { squeeze_dims: Some(squeeze_dims) })),
+            (BuiltinOperator::STRIDED_SLICE, opt!(StridedSliceOptions, StridedSliceOptionsArgs { begin_mask: 1, end_mask: 2, ellipsis_mask: 4, new_axis_mask: 8, shrink_axis_mask: 16 })),
+            (BuiltinOperator::MEAN, opt!(ReducerOptions, ReducerOptionsArgs { keep_dims: true })),
+            (BuiltinOperator::BATCH_MATMUL, opt!(BatchMatMulOptions, BatchMatMulOptionsArgs { adj_x: true, adj_y: true, asymmetric_quantize_inputs: true })),
+            (BuiltinOperator::RESIZE_BILINEAR, opt!(ResizeBilinearOptions, ResizeBilinearOptionsArgs { align_corners: true, half_pixel_centers: true })),
+            (BuiltinOperator::RESIZE_NEAREST_NEIGHBOR, opt!(ResizeNearestNeighborOptions, ResizeNearestNeighborOptionsArgs { align_corners: true, half_pixel_centers: true })),
+            (BuiltinOperator::LEAKY_RELU, opt!(LeakyReluOptions, LeakyReluOptionsArgs { alpha: 0.125 })),
+            (BuiltinOperator::SHAPE, opt!(ShapeOptions, ShapeOptionsArgs { out_type: TensorType::INT64 })),
+            (BuiltinOperator::TRANSPOSE, opt!(TransposeOptions, TransposeOptionsArgs {})),
+            (BuiltinOperator::PADV2, opt!(PadV2Options, PadV2OptionsArgs {})),
+            (BuiltinOperator::SELECT_V2, opt!(SelectV2Options, SelectV2OptionsArgs {})),
+        ];
+        // One tensor per operator output plus a float16 constant behind a
+        // DEQUANTIZE, which forces the rewrite.
+        let mut tensors = vec![];
+        let half = fbb.create_vector(&f16::from_f32(1.5).to_bits().to_le_bytes());
+        let sentinel = fb::Buffer::create(&mut fbb, &fb::BufferArgs { data: None });
+        let half_buffer = fb::Buffer::create(&mut fbb, &fb::BufferArgs { data: Some(half) });
+        for (ix, ty) in [TensorType::FLOAT32, TensorType::FLOAT16, TensorType::FLOAT32].iter().enumerate() {
+            let name = fbb.create_string(&format!("t{ix}"));
+            let shape = fbb.create_vector(&[1i32]);
+            tensors.push(fb::Tensor::create(&mut fbb, &fb::TensorArgs { shape: Some(shape), type_: *ty, buffer: u32::from(ix == 1), name: Some(name), ..Default::default() }));
+        }
+        let mut codes = vec![fb::OperatorCode::create(&mut fbb, &fb::OperatorCodeArgs { deprecated_builtin_code: BuiltinOperator::DEQUANTIZE.0 as i8, builtin_code: BuiltinOperator::DEQUANTIZE, ..Default::default() })];
+        let (ins, outs) = (fbb.create_vector(&[1i32]), fbb.create_vector(&[2i32]));
+        let mut ops = vec![fb::Operator::create(&mut fbb, &fb::OperatorArgs { opcode_index: 0, inputs: Some(ins), outputs: Some(outs), ..Default::default() })];
+        for (code, (ty, table)) in &options {
+            let ix = tensors.len() as i32;
+            let name = fbb.create_string(&format!("out_{}", op_name(*code)));
+            let shape = fbb.create_vector(&[1i32]);
+            tensors.push(fb::Tensor::create(&mut fbb, &fb::TensorArgs { shape: Some(shape), name: Some(name), ..Default::default() }));
+            codes.push(fb::OperatorCode::create(&mut fbb, &fb::OperatorCodeArgs { deprecated_builtin_code: code.0.min(127) as i8, builtin_code: *code, version: 1, ..Default::default() }));
+            let (ins, outs) = (fbb.create_vector(&[0i32, 2]), fbb.create_vector(&[ix]));
+            ops.push(fb::Operator::create(&mut fbb, &fb::OperatorArgs { opcode_index: codes.len() as u32 - 1, inputs: Some(ins), outputs: Some(outs), builtin_options_type: *ty, builtin_options: Some(*table), ..Default::default() }));
+        }
+        let outputs: Vec<i32> = (3..tensors.len() as i32).collect();
+        let (tensors, operators) = (fbb.create_vector(&tensors), fbb.create_vector(&ops));
+        let (inputs, outputs) = (fbb.create_vector(&[0i32]), fbb.create_vector(&outputs));
+        let subgraph = fb::SubGraph::create(&mut fbb, &fb::SubGraphArgs { tensors: Some(tensors), inputs: Some(inputs), outputs: Some(outputs), operators: Some(operators), name: None });
+        let (subgraphs, codes) = (fbb.create_vector(&[subgraph]), fbb.create_vector(&codes));
+        let buffers = fbb.create_vector(&[sentinel, half_buffer]);
+        let model = fb::Model::create(&mut fbb, &fb::ModelArgs { version: 3, operator_codes: Some(codes), subgraphs: Some(subgraphs), buffers: Some(buffers), ..Default::default() });
+        fb::finish_model_buffer(&mut fbb, model);
+        let source = fbb.finished_data().to_vec();
+
+        let model = fb::root_as_model(&source).expect("valid");
+        let mut graph = Graph::read(&model).expect("reads");
+        graph.fold_constant_dequantize().expect("folds");
+        assert!(!graph.changes.is_empty());
+        graph.drop_unused();
+        let rewritten = graph.write().expect("writes");
+        let before = model.subgraphs().expect("subgraphs").get(0).operators().expect("ops");
+        let after_model = fb::root_as_model(&rewritten).expect("rewritten is valid");
+        let after = after_model.subgraphs().expect("subgraphs").get(0).operators().expect("ops");
+        assert_eq!(after.len(), options.len());
+        for (ix, op) in after.iter().enumerate() {
+            let original = before.get(ix + 1);
+            assert_eq!(op.builtin_options_type(), original.builtin_options_type());
+            let show = |o: &fb::Operator| format!("{:?}", o).split("builtin_options:").nth(1).map(str::to_string);
+            let (a, b) = (show(&op), show(&original));
+            let strip = |s: Option<String>| s.and_then(|s| s.split("custom_options").next().map(str::to_string));
+            let (a, b) = (strip(a), strip(b));
+            assert!(a.as_deref().is_some_and(|a| a.contains("Options")), "{a:?}");
+            assert_eq!(a, b, "options of {:?}", op.builtin_options_type());
+        }
+    }
 }

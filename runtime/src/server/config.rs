@@ -26,9 +26,10 @@ pub struct ServerConfig {
     pub batch_window: Duration,
     /// Most samples (rows) one batched run takes.
     pub max_batch: usize,
-    /// Socket read and write timeout: a client that stops sending its body
-    /// (or reading its answer) for this long is cut off, and an idle
-    /// keep-alive connection is closed after it.
+    /// Socket write timeout (a client that stops reading its answer is cut
+    /// off after it) and TCP keepalive idle time (a client that vanished is
+    /// noticed within a minute after it). There is no read timeout: see
+    /// `bind_listener` in the server module for why tiny_http cannot have one.
     pub io_timeout: Duration,
     /// Seconds a shed client is told to wait (`Retry-After`).
     pub retry_after_secs: u32,

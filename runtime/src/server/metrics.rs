@@ -138,14 +138,19 @@ impl Collector for StateCollector {
     }
 }
 
-/// The drift monitor's gauges, one family per name (they come grouped).
+/// The drift monitor's gauges, one family per name. They come ordered by
+/// column, and the text format wants each family's samples together.
 fn encode_drift_gauges(encoder: &mut DescriptorEncoder, gauges: &[GaugeValue]) -> Result<(), std::fmt::Error> {
-    let mut i = 0;
-    while i < gauges.len() {
-        let name = gauges[i].name;
-        let end = gauges[i..].iter().position(|g| g.name != name).map_or(gauges.len(), |n| i + n);
-        let mut family = encoder.encode_descriptor(name, gauges[i].help, None, MetricType::Gauge)?;
-        for g in &gauges[i..end] {
+    let mut families: Vec<(&'static str, &'static str, Vec<&GaugeValue>)> = Vec::new();
+    for g in gauges {
+        match families.iter_mut().find(|(name, _, _)| *name == g.name) {
+            Some((_, _, members)) => members.push(g),
+            None => families.push((g.name, g.help, vec![g])),
+        }
+    }
+    for (name, help, members) in families {
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for g in members {
             let value = ConstGauge::new(g.value);
             if g.labels.is_empty() {
                 value.encode(family.encode_family(&NoLabels)?)?;
@@ -153,7 +158,6 @@ fn encode_drift_gauges(encoder: &mut DescriptorEncoder, gauges: &[GaugeValue]) -
                 value.encode(family.encode_family(&g.labels)?)?;
             }
         }
-        i = end;
     }
     Ok(())
 }

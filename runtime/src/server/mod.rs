@@ -220,17 +220,26 @@ fn resolve(listen: &str) -> Result<SocketAddr, ServerError> {
 }
 
 /// A listening socket whose options accepted connections inherit (on Linux):
-/// no Nagle delay on small answers, and read/write timeouts so a client that
-/// stops mid-request cannot hold a thread forever.
+/// no Nagle delay on small answers, a write timeout so a client that stops
+/// reading cannot hold a thread forever, and TCP keepalive so a client that
+/// vanished (power cut, Wi-Fi gone) is noticed and its thread freed.
+///
+/// Deliberately no *read* timeout: Linux applies a listener's receive
+/// timeout to `accept` itself, and tiny_http's accept loop ends on the first
+/// accept error, so the server would go deaf after one idle period.
 fn bind_listener(addr: SocketAddr, config: &ServerConfig) -> Result<TcpListener, ServerError> {
-    use socket2::{Domain, Protocol, Socket, Type};
+    use socket2::{Domain, Protocol, Socket, TcpKeepalive, Type};
     let bind_err = |source| ServerError::Bind { addr: addr.to_string(), source };
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(bind_err)?;
     // A restarted server must not wait for the old one's TIME_WAIT sockets.
     socket.set_reuse_address(true).map_err(bind_err)?;
     socket.set_tcp_nodelay(true).map_err(bind_err)?;
-    socket.set_read_timeout(Some(config.io_timeout)).map_err(bind_err)?;
     socket.set_write_timeout(Some(config.io_timeout)).map_err(bind_err)?;
+    let keepalive = TcpKeepalive::new()
+        .with_time(config.io_timeout)
+        .with_interval(Duration::from_secs(5));
+    socket.set_keepalive(true).map_err(bind_err)?;
+    socket.set_tcp_keepalive(&keepalive).map_err(bind_err)?;
     socket.bind(&addr.into()).map_err(bind_err)?;
     socket.listen(1024).map_err(bind_err)?;
     Ok(socket.into())

@@ -541,6 +541,13 @@ impl StatsSnapshot {
         None
     }
 
+    /// Request latency counts in log2 buckets: bucket `i` counts latencies
+    /// in `[2^i, 2^(i+1))` µs (bucket 0 also holds < 1 µs). Mergeable by
+    /// adding; what the agent ships in its sketch messages.
+    pub fn latency_buckets(&self) -> &[u64] {
+        &self.latency
+    }
+
     /// The figures of the interval since `earlier`.
     pub fn since(&self, earlier: &StatsSnapshot) -> StatsSnapshot {
         let mut latency = [0u64; LATENCY_BUCKETS];

@@ -1,0 +1,717 @@
+//! The agent's state machine: one main loop owns everything and reacts to
+//! MQTT events and to time.
+//!
+//! ```text
+//!            directive (verified, fresh)
+//!  serving ───────────────────────────▶ downloading ──▶ verifying ──▶ activating ──▶ probation ──▶ serving (committed)
+//!     ▲  ▲                                   │ refused       │ refused      │ self-test        │ failed
+//!     │  └──────── failed (reason) ◀─────────┴───────────────┴──────────────┘                  ▼
+//!     └──────────────────────────────────────────────────────────────────────────────────── rolled_back
+//! ```
+//!
+//! Whatever happens to an update, the model that served keeps serving until
+//! a better one has passed every check; the retained `state` message says
+//! where the device is and why.
+//!
+//! **Directives.** The retained `desired` message arrives on every connect.
+//! The same bytes as last accepted are no news; anything else must verify
+//! ([`verify_directive`]: signature chain to the pinned root, this device,
+//! sequence above the last accepted). The sequence is persisted before the
+//! device acts, so after a restart the agent resumes the accepted directive
+//! from the state file, not from the network. A directive whose bundle one
+//! of the slots already holds needs no download (a remote rollback to the
+//! previous version is a swap back). A directive that arrives during a
+//! trial ends the trial by rolling back first, so the slot being written is
+//! never the one to fall back to.
+
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outpost_runtime::bundle::{Digest, VerifyOptions};
+use outpost_runtime::protocol::{
+    topics, verify_directive, ChunkReply, DeviceMessage, DeviceSigned, DeviceState, Directive, Limits, ModelRef,
+    Status,
+};
+use outpost_runtime::server::{Deployed, ModelSlot, RunningServer, Server, ServerConfig};
+
+use crate::activation::{load_slot, switch_traffic, Trust};
+use crate::config::AgentConfig;
+use crate::download::{Download, DownloadError, Progress};
+use crate::link::{Link, LinkEvent};
+use crate::notify::Notifier;
+use crate::probation::{Trial, Verdict};
+use crate::slots::{SlotName, SlotRecord, Slots};
+use crate::telemetry::{OfflineBuffer, Window};
+
+/// How often the main loop wakes up without events (watchdog, timeouts).
+const TICK: Duration = Duration::from_millis(200);
+/// Wait before retrying a download the fleet could not serve.
+const RETRY_UNAVAILABLE: Duration = Duration::from_secs(5);
+/// Downloads that end in a digest mismatch are retried from scratch this
+/// many times (a part file damaged by a power cut) before giving up.
+const MAX_DOWNLOAD_ATTEMPTS: u32 = 3;
+
+/// What the main loop receives.
+#[derive(Debug)]
+pub enum Input {
+    Link(LinkEvent),
+    /// Stop (SIGTERM handler, tests).
+    Stop,
+}
+
+/// Errors that stop the agent at start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("state directory: {0}")]
+    Slots(#[from] crate::slots::SlotError),
+    #[error("HTTP server: {0}")]
+    Server(#[from] outpost_runtime::server::ServerError),
+    #[error("MQTT: {0}")]
+    Link(#[from] crate::link::LinkError),
+}
+
+/// A running agent.
+pub struct Agent {
+    config: AgentConfig,
+    slots: Slots,
+    model: Arc<ModelSlot>,
+    server: RunningServer,
+    link: Link,
+    inputs: Receiver<Input>,
+    connected: bool,
+    status: Status,
+    download: Option<Download>,
+    download_retry_at: Option<Instant>,
+    download_attempts: u32,
+    trial: Option<Trial>,
+    window: Window,
+    next_telemetry: Instant,
+    offline: OfflineBuffer<(String, Vec<u8>)>,
+    state_dirty: bool,
+    notifier: Option<Notifier>,
+    started: Instant,
+    limits: Limits,
+}
+
+impl Agent {
+    /// Opens the state, starts serving the active slot, starts the MQTT
+    /// link. Returns the agent and the sender to stop it with.
+    pub fn start(config: AgentConfig) -> Result<(Agent, Sender<Input>), StartError> {
+        crate::test_hooks::init(config.state_dir.clone());
+        let mut slots = Slots::open(&config.state_dir)?;
+        let boots = slots.count_boot()?;
+        let model = Arc::new(ModelSlot::empty());
+        let mut status = Status::Idle;
+        let mut trial = None;
+
+        // A trial the device keeps crashing in is over.
+        if let Some(p) = slots.state().probation.filter(|_| slots.state().in_probation()) {
+            if boots >= p.max_boots {
+                let reason = format!("restarted {boots} times during probation (crash loop)");
+                log::warn!("{reason}: rolling back");
+                slots.roll_back(&reason)?;
+                status = Status::RolledBack;
+            }
+        }
+        // Serve the active slot, re-verified; fall back if it does not verify.
+        for _ in 0..2 {
+            let Some(active) = slots.state().active else { break };
+            let Some(record) = slots.state().record(active).cloned() else {
+                slots.forget(active)?;
+                continue;
+            };
+            match load_slot(&slots.slot_path(active), &config.trust_root, record.manifest_sha256, Trust::AlreadyAccepted) {
+                Ok(ready) => {
+                    log::info!("serving {} from slot {active:?}", ready.manifest.id());
+                    if slots.state().in_probation() {
+                        let params = slots.state().probation.unwrap_or(config.probation);
+                        trial = Some(Trial::resumed(params, ready.manifest.self_test.clone()));
+                        status = Status::Probation;
+                    } else if status != Status::RolledBack {
+                        status = Status::Serving;
+                    }
+                    model.swap(ready.deployed);
+                    break;
+                }
+                Err(e) => {
+                    let reason = format!("slot {active:?} ({}@{}) no longer verifies: {e}", record.model, record.version);
+                    log::error!("{reason}");
+                    if slots.state().in_probation() && slots.state().previous.is_some() {
+                        slots.roll_back(&reason)?;
+                        status = Status::RolledBack;
+                    } else {
+                        // The other slot (if it holds anything) is older but verified.
+                        let other = active.other();
+                        slots.forget(active)?;
+                        if slots.state().record(other).is_some() {
+                            slots.update(|s| {
+                                s.active = Some(other);
+                                s.committed = true;
+                                s.last_error = Some(reason.clone());
+                            })?;
+                        }
+                    }
+                }
+            }
+        }
+        if slots.state().last_error.is_some() && status == Status::Serving {
+            status = Status::Failed;
+        }
+
+        let server_config = ServerConfig { listen: config.listen.clone(), threads: config.threads, ..ServerConfig::default() };
+        let server = Server::start(server_config, model.clone())?;
+        log::info!("predict API on http://{}", server.local_addr());
+        let notifier = Notifier::from_env();
+        if let Some(n) = &notifier {
+            n.ready();
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let link = Link::start(&config, tx.clone())?;
+        let window = Window::new(model.current());
+        let offline = OfflineBuffer::new(config.offline_buffer);
+        let mut agent = Agent {
+            next_telemetry: Instant::now() + config.telemetry_interval,
+            config,
+            slots,
+            model,
+            server,
+            link,
+            inputs: rx,
+            connected: false,
+            status,
+            download: None,
+            download_retry_at: None,
+            download_attempts: 0,
+            trial,
+            window,
+            offline,
+            state_dirty: true,
+            notifier,
+            started: Instant::now(),
+            limits: Limits::default(),
+        };
+        // An accepted directive not yet carried out: resume it.
+        if let Some(target) = agent.slots.state().target.clone() {
+            if agent.trial.is_none() {
+                agent.pursue(target);
+            }
+        }
+        Ok((agent, tx))
+    }
+
+    /// The address the predict API listens on.
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.server.local_addr()
+    }
+
+    /// Runs until [`Input::Stop`].
+    pub fn run(mut self) {
+        loop {
+            match self.inputs.recv_timeout(TICK) {
+                Ok(Input::Stop) => break,
+                Ok(Input::Link(event)) => self.on_link(event),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            self.tick();
+        }
+        if let Some(n) = &self.notifier {
+            n.stopping();
+        }
+        self.link.disconnect();
+        log::info!("stopped");
+    }
+
+    // ----- events -----
+
+    fn on_link(&mut self, event: LinkEvent) {
+        match event {
+            LinkEvent::Connected => {
+                self.connected = true;
+                if let Err(e) = self.link.subscribe(&self.config.device_id) {
+                    log::warn!("subscribing: {e}");
+                }
+                self.state_dirty = true;
+                let queued: Vec<_> = self.offline.drain().collect();
+                for (topic, payload) in queued {
+                    if self.link.publish(topic.clone(), false, payload.clone()).is_err() {
+                        self.offline.push((topic, payload));
+                        break;
+                    }
+                }
+                if let Some(d) = &mut self.download {
+                    d.reset_in_flight();
+                }
+            }
+            LinkEvent::Disconnected(_) => {
+                self.connected = false;
+                if let Some(d) = &mut self.download {
+                    d.reset_in_flight();
+                }
+            }
+            LinkEvent::Message { topic, payload } => match topics::parse(&topic) {
+                Some((id, topics::Kind::Desired)) if id == self.config.device_id => self.on_desired(&payload),
+                Some((id, topics::Kind::ChunkData)) if id == self.config.device_id => self.on_chunk(&payload),
+                _ => log::debug!("ignoring a message on {topic}"),
+            },
+        }
+    }
+
+    fn on_desired(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let envelope = Digest::of(bytes);
+        if self.slots.state().accepted_envelope == Some(envelope) {
+            return; // the retained directive we already accepted
+        }
+        let state = self.slots.state();
+        let verified = match verify_directive(
+            bytes,
+            &self.config.trust_root,
+            &self.config.device_id,
+            state.last_sequence,
+            state.min_certificate_serial,
+            &self.limits,
+        ) {
+            Ok(v) => v,
+            Err(e) => {
+                let reason = format!("directive refused: {e}");
+                log::warn!("{reason}");
+                self.fail(reason);
+                return;
+            }
+        };
+        let directive = verified.value;
+        let serial = verified.certificate.serial;
+        log::info!("accepted directive {} for {}", directive.sequence, directive.id());
+        // Persist acceptance before acting: a replay of anything older is
+        // refused from now on, across restarts.
+        if let Err(e) = self.slots.update(|s| {
+            s.last_sequence = Some(directive.sequence);
+            s.min_certificate_serial = s.min_certificate_serial.max(serial);
+            s.accepted_envelope = Some(envelope);
+            s.target = Some(directive.clone());
+            s.last_error = None;
+        }) {
+            log::error!("cannot persist the directive: {e}");
+            return;
+        }
+        if let Some(d) = self.download.take() {
+            if d.bundle() != &directive.bundle_sha256 {
+                log::info!("abandoning the download of {}", d.directive().id());
+            } else {
+                // Same bundle, newer directive: keep the bytes.
+                self.download = Some(d);
+            }
+        }
+        if self.trial.is_some() {
+            let active_has_it = self.slots.state().active_record().is_some_and(|r| r.bundle_sha256 == directive.bundle_sha256);
+            if !active_has_it {
+                self.roll_back(format!("probation ended early by directive {}", directive.sequence));
+            }
+        }
+        self.download_attempts = 0;
+        self.pursue(directive);
+    }
+
+    /// Works towards `directive`: nothing to do, a swap to the other slot,
+    /// or a download.
+    fn pursue(&mut self, directive: Directive) {
+        let state = self.slots.state();
+        if state.active_record().is_some_and(|r| r.bundle_sha256 == directive.bundle_sha256) {
+            log::info!("{} already serves", directive.id());
+            let _ = self.slots.update(|s| s.target = None);
+            if self.trial.is_none() {
+                self.set_status(Status::Serving);
+            }
+            return;
+        }
+        let slot = self.slots.inactive();
+        let path = self.slots.slot_path(slot);
+        let in_slot = match self.slots.state().record(slot) {
+            Some(r) => r.bundle_sha256 == directive.bundle_sha256 && path.is_file(),
+            // Renamed into place, but the crash came before its record was
+            // written: the file itself says whether it is this bundle.
+            None => path.is_file() && file_sha256(&path).is_some_and(|d| d == directive.bundle_sha256),
+        };
+        if in_slot {
+            if self.slots.state().record(slot).is_none() {
+                let record = record_for(&directive);
+                if let Err(e) = self.slots.update(|s| match slot {
+                    SlotName::A => s.slot_a = Some(record),
+                    SlotName::B => s.slot_b = Some(record),
+                }) {
+                    log::error!("{e}");
+                    return;
+                }
+            }
+            self.activate(slot, &directive);
+            return;
+        }
+        if self.download.as_ref().is_some_and(|d| d.bundle() == &directive.bundle_sha256) {
+            return;
+        }
+        let mut options = VerifyOptions::new(outpost_runtime::bundle::Freshness::NamedBy(directive.manifest_sha256));
+        options.min_certificate_serial = self.slots.state().min_certificate_serial;
+        match Download::start(
+            &directive,
+            &self.slots.part_path(slot),
+            &self.config.trust_root,
+            options,
+            self.config.chunk_size,
+            self.config.chunks_in_flight,
+            self.config.chunk_timeout,
+        ) {
+            Ok(d) => {
+                if directive.url.is_some() {
+                    log::info!("directive gives a URL; fetching over MQTT chunks (same checks)");
+                }
+                self.download = Some(d);
+                self.download_retry_at = None;
+                self.set_status(Status::Downloading);
+            }
+            Err(e) => self.fail(format!("cannot start the download: {e}")),
+        }
+    }
+
+    fn on_chunk(&mut self, bytes: &[u8]) {
+        let Some(download) = self.download.as_mut() else { return };
+        let reply = match ChunkReply::from_bytes(bytes, &self.limits) {
+            Ok(r) => r,
+            Err(e) => {
+                log::warn!("ignoring a chunk reply: {e}");
+                return;
+            }
+        };
+        match download.on_reply(reply) {
+            Ok(Progress::Ignored) => {}
+            // Progress goes out with the state at the next telemetry tick.
+            Ok(Progress::Advanced) => {}
+            Ok(Progress::Complete) => self.download_complete(),
+            Err(DownloadError::Unavailable(reason)) => {
+                log::warn!("fleet cannot serve the bundle: {reason}");
+                download.reset_in_flight();
+                self.download_retry_at = Some(Instant::now() + RETRY_UNAVAILABLE);
+                self.slots_error(format!("download paused: the fleet cannot serve the bundle: {reason}"));
+            }
+            Err(e) => {
+                let d = self.download.take();
+                if let Some(d) = d {
+                    d.discard();
+                }
+                self.refuse_target(format!("{e}"));
+            }
+        }
+    }
+
+    fn download_complete(&mut self) {
+        let Some(download) = self.download.take() else { return };
+        self.set_status(Status::Verifying);
+        let directive = download.directive().clone();
+        let took = download.elapsed();
+        let resumed = download.resumed_from();
+        match download.finish() {
+            Ok(header) => {
+                let bytes = directive.bundle_size - resumed;
+                log::info!(
+                    "downloaded {} ({} bytes in {:.2?}, {:.1} MiB/s)",
+                    header.value.id(),
+                    bytes,
+                    took,
+                    bytes as f64 / (1 << 20) as f64 / took.as_secs_f64().max(1e-6)
+                );
+                let slot = self.slots.inactive();
+                self.set_status(Status::Activating);
+                if let Err(e) = self.slots.install(slot, record_for(&directive)) {
+                    self.fail(format!("cannot write slot {slot:?}: {e}"));
+                    return;
+                }
+                crate::test_hooks::pause_at("slot-written");
+                self.activate(slot, &directive);
+            }
+            Err(DownloadError::Mismatch(_))
+            | Err(DownloadError::Refused(outpost_runtime::bundle::VerifyError::DigestMismatch { .. }))
+                if self.download_attempts + 1 < MAX_DOWNLOAD_ATTEMPTS =>
+            {
+                // A part file damaged by a power cut hashes wrong: try again
+                // from scratch, a bounded number of times.
+                self.download_attempts += 1;
+                log::warn!("the downloaded bundle does not match; downloading again (attempt {})", self.download_attempts + 1);
+                let _ = std::fs::remove_file(self.slots.part_path(self.slots.inactive()));
+                self.pursue(directive);
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(self.slots.part_path(self.slots.inactive()));
+                self.refuse_target(e.to_string());
+            }
+        }
+    }
+
+    /// Load, self-test, switch on disk, switch traffic, start the trial.
+    fn activate(&mut self, slot: SlotName, directive: &Directive) {
+        self.set_status(Status::Activating);
+        self.publish_state();
+        let trust = Trust::Fresh { min_certificate_serial: self.slots.state().min_certificate_serial };
+        let ready = match load_slot(&self.slots.slot_path(slot), &self.config.trust_root, directive.manifest_sha256, trust) {
+            Ok(r) => r,
+            Err(e) => {
+                self.refuse_target(format!("activation of {} refused: {e}", directive.id()));
+                return;
+            }
+        };
+        let params = directive.probation.unwrap_or(self.config.probation);
+        if let Err(e) = self.slots.activate(slot, params) {
+            self.fail(format!("cannot switch slots: {e}"));
+            return;
+        }
+        let self_test = ready.manifest.self_test.clone();
+        let started = Instant::now();
+        let previous = switch_traffic(&self.model, ready.deployed);
+        log::info!("switched traffic to {} (slot {slot:?}) in {:?}", directive.id(), started.elapsed());
+        if let Some(current) = self.model.current() {
+            self.trial = Some(Trial::new(params, self_test, &current, previous.as_deref()));
+        }
+        self.set_status(Status::Probation);
+        self.publish_state();
+        crate::test_hooks::pause_at("probation");
+    }
+
+    // ----- time -----
+
+    fn tick(&mut self) {
+        if let Some(n) = &self.notifier {
+            n.watchdog();
+        }
+        // Probation.
+        if let (Some(trial), Some(current)) = (self.trial.as_mut(), self.model.current()) {
+            match trial.check(&current) {
+                Verdict::Continue => {}
+                Verdict::Pass => {
+                    self.trial = None;
+                    match self.slots.commit() {
+                        Ok(()) => {
+                            log::info!("{} passed probation: committed", current.info().name);
+                            self.set_status(Status::Serving);
+                        }
+                        Err(e) => log::error!("cannot commit: {e}"),
+                    }
+                }
+                Verdict::Fail(reason) => self.roll_back(reason),
+            }
+        }
+        // Download requests.
+        if self.connected && self.download_retry_at.is_none_or(|t| Instant::now() >= t) {
+            if let Some(d) = self.download.as_mut() {
+                self.download_retry_at = None;
+                let requests = d.requests();
+                for r in requests {
+                    let counter = match self.slots.next_counter() {
+                        Ok(c) => c,
+                        Err(e) => {
+                            log::error!("{e}");
+                            return;
+                        }
+                    };
+                    match DeviceSigned::sign(&self.config.device_id, counter, &r, &self.config.device_key) {
+                        Ok(msg) => {
+                            if let Err(e) = self.link.publish(topics::chunk_request(&self.config.device_id), false, msg.to_bytes()) {
+                                log::warn!("chunk request not sent: {e}");
+                                if let Some(d) = self.download.as_mut() {
+                                    d.reset_in_flight();
+                                }
+                                break;
+                            }
+                        }
+                        Err(e) => log::error!("signing a chunk request: {e}"),
+                    }
+                }
+            }
+        }
+        // Telemetry.
+        if Instant::now() >= self.next_telemetry {
+            self.next_telemetry = Instant::now() + self.config.telemetry_interval;
+            self.send_telemetry();
+            if self.download.is_some() {
+                self.state_dirty = true;
+            }
+        }
+        if self.state_dirty && self.connected {
+            self.publish_state();
+        }
+    }
+
+    fn send_telemetry(&mut self) {
+        let committed = self.slots.state().committed;
+        let (telemetry, sketch) = self.window.close(
+            self.model.current(),
+            self.status,
+            committed,
+            self.offline.dropped(),
+            self.started.elapsed().as_secs(),
+        );
+        self.publish_device(topics::telemetry(&self.config.device_id), &telemetry);
+        if let Some(s) = sketch {
+            self.publish_device(topics::sketch(&self.config.device_id), &s);
+        }
+    }
+
+    /// Signs and publishes (or buffers while offline) a telemetry/sketch message.
+    fn publish_device<T: DeviceMessage>(&mut self, topic: String, value: &T) {
+        let counter = match self.slots.next_counter() {
+            Ok(c) => c,
+            Err(e) => {
+                log::error!("{e}");
+                return;
+            }
+        };
+        let bytes = match DeviceSigned::sign(&self.config.device_id, counter, value, &self.config.device_key) {
+            Ok(m) => m.to_bytes(),
+            Err(e) => {
+                log::error!("signing {}: {e}", T::KIND);
+                return;
+            }
+        };
+        if !self.connected || self.link.publish(topic.clone(), false, bytes.clone()).is_err() {
+            self.offline.push((topic, bytes));
+        }
+    }
+
+    // ----- outcomes -----
+
+    fn roll_back(&mut self, reason: String) {
+        log::warn!("rolling back: {reason}");
+        self.trial = None;
+        let from = self.slots.state().active_record().map(SlotRecord::model_ref);
+        let had_previous = self.slots.state().previous.is_some();
+        let to = match self.slots.roll_back(&reason) {
+            Ok(to) => to,
+            Err(e) => {
+                log::error!("cannot roll back: {e}");
+                return;
+            }
+        };
+        if !had_previous {
+            // Nothing to go back to: keep serving, say so.
+            self.fail(format!("{reason} (no previous version to roll back to)"));
+            return;
+        }
+        let Some(slot) = to else { return };
+        let Some(record) = self.slots.state().record(slot).cloned() else { return };
+        match load_slot(&self.slots.slot_path(slot), &self.config.trust_root, record.manifest_sha256, Trust::AlreadyAccepted) {
+            Ok(ready) => {
+                switch_traffic(&self.model, ready.deployed);
+                log::info!("rolled back from {} to {}", from.map(|f| f.to_string()).unwrap_or_default(), record.model_ref());
+                self.set_status(Status::RolledBack);
+            }
+            Err(e) => self.fail(format!("{reason}; and the previous slot does not load: {e}")),
+        }
+        self.publish_state();
+    }
+
+    /// The target directive cannot be carried out: keep serving, say why.
+    fn refuse_target(&mut self, reason: String) {
+        log::warn!("{reason}");
+        let _ = self.slots.update(|s| s.target = None);
+        self.fail(reason);
+    }
+
+    fn fail(&mut self, reason: String) {
+        let mut reason = reason;
+        reason.truncate(self.limits.text_bytes as usize - 16);
+        let _ = self.slots.update(|s| s.last_error = Some(reason));
+        if self.trial.is_none() && self.download.is_none() {
+            self.set_status(Status::Failed);
+        }
+        self.state_dirty = true;
+    }
+
+    fn slots_error(&mut self, reason: String) {
+        let mut reason = reason;
+        reason.truncate(self.limits.text_bytes as usize - 16);
+        let _ = self.slots.update(|s| s.last_error = Some(reason));
+        self.state_dirty = true;
+    }
+
+    fn set_status(&mut self, status: Status) {
+        if self.status != status {
+            log::info!("status: {}", status.as_str());
+            if let Some(n) = &self.notifier {
+                n.status(status.as_str());
+            }
+        }
+        self.status = status;
+        self.state_dirty = true;
+    }
+
+    fn state_message(&self) -> DeviceState {
+        let s = self.slots.state();
+        let mut m = DeviceState::new(self.status);
+        let serving: Option<Arc<Deployed>> = self.model.current();
+        if let Some(d) = &serving {
+            m.model = Some(d.info().name.clone());
+            m.version = Some(d.info().version.clone());
+        }
+        m.bundle_sha256 = s.active_record().map(|r| r.bundle_sha256.to_hex());
+        m.committed = s.committed && serving.is_some();
+        m.directive_sequence = s.last_sequence.unwrap_or(0);
+        m.target = s.target.as_ref().map(|t| ModelRef { name: t.model.clone(), version: t.version.clone() });
+        m.rollout_id = s.target.as_ref().and_then(|t| t.rollout_id.clone());
+        m.progress = self.download.as_ref().map(Download::progress);
+        m.last_error = s.last_error.clone();
+        m.rollback_reason = s.rollback_reason.clone();
+        m.rolled_back_from = s.rolled_back_from.clone();
+        m.tags = self.config.tags.clone();
+        m.agent_version = env!("CARGO_PKG_VERSION").to_string();
+        m
+    }
+
+    fn publish_state(&mut self) {
+        if !self.connected {
+            self.state_dirty = true;
+            return;
+        }
+        let state = self.state_message();
+        let counter = match self.slots.next_counter() {
+            Ok(c) => c,
+            Err(e) => {
+                log::error!("{e}");
+                return;
+            }
+        };
+        match DeviceSigned::sign(&self.config.device_id, counter, &state, &self.config.device_key) {
+            Ok(msg) => match self.link.publish(topics::state(&self.config.device_id), true, msg.to_bytes()) {
+                Ok(()) => self.state_dirty = false,
+                Err(e) => log::warn!("state not sent: {e}"),
+            },
+            Err(e) => log::error!("signing the state: {e}"),
+        }
+    }
+}
+
+fn record_for(d: &Directive) -> SlotRecord {
+    SlotRecord {
+        model: d.model.clone(),
+        version: d.version.clone(),
+        bundle_sha256: d.bundle_sha256,
+        manifest_sha256: d.manifest_sha256,
+        directive_sequence: d.sequence,
+    }
+}
+
+fn file_sha256(path: &std::path::Path) -> Option<Digest> {
+    use sha2::Digest as _;
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = f.read(&mut buf).ok()?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Some(Digest(h.finalize().into()))
+}

@@ -1,0 +1,177 @@
+//! The MQTT link to the fleet (rumqttc, MQTT 3.1.1, TLS via rustls for
+//! `mqtts://`).
+//!
+//! One thread drives the connection and turns what happens into
+//! [`LinkEvent`]s for the agent's main loop. When the broker goes away it
+//! waits with **jittered exponential backoff** (from `reconnect_min` doubling
+//! up to `reconnect_max`, each wait drawn uniformly from its upper half, so a
+//! fleet that lost its broker does not reconnect in lockstep) and connects
+//! again. Every connect is a clean session: the main loop subscribes again
+//! on [`LinkEvent::Connected`], and the broker then re-sends the retained
+//! `desired` message — which is how a device that was away catches up.
+//!
+//! The last will is the retained [`OFFLINE_WILL`] on the device's state
+//! topic. Publishing never blocks the main loop: a full request queue is an
+//! error the caller handles (the offline buffer).
+
+use std::sync::mpsc::Sender;
+use std::time::Duration;
+
+use outpost_runtime::protocol::{topics, Limits, OFFLINE_WILL};
+use rumqttc::{Client, Event, LastWill, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+
+use crate::config::AgentConfig;
+
+/// What the link reports to the main loop.
+#[derive(Debug)]
+pub enum LinkEvent {
+    /// Connected (again): subscribe, publish state, flush buffers.
+    Connected,
+    /// The connection dropped; the link reconnects by itself.
+    Disconnected(String),
+    Message { topic: String, payload: Vec<u8> },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("MQTT client: {0}")]
+    Client(#[from] rumqttc::ClientError),
+    #[error("cannot start the MQTT thread: {0}")]
+    Spawn(std::io::Error),
+}
+
+/// The publishing half; events arrive on the receiver from [`Link::start`].
+pub struct Link {
+    client: Client,
+}
+
+impl Link {
+    /// Connects in the background; events (starting with `Connected`) arrive
+    /// on the returned receiver.
+    pub fn start(config: &AgentConfig, events: Sender<crate::agent::Input>) -> Result<Link, LinkError> {
+        // The client id is the device id (the embedded broker and the
+        // mosquitto ACL pattern key on it).
+        let mut options = MqttOptions::new(config.device_id.clone(), config.broker.host.clone(), config.broker.port);
+        options.set_keep_alive(config.keep_alive);
+        options.set_clean_session(true);
+        let max_packet = Limits::default().max_packet_bytes();
+        options.set_max_packet_size(max_packet, max_packet);
+        options.set_last_will(LastWill::new(topics::state(&config.device_id), OFFLINE_WILL, QoS::AtLeastOnce, true));
+        if let Some(user) = &config.username {
+            options.set_credentials(user.clone(), config.password.clone().unwrap_or_default());
+        }
+        if config.broker.tls {
+            let transport = match (&config.ca_file, &config.client_cert, &config.client_key) {
+                (None, None, None) => Transport::tls_with_default_config(),
+                (ca, cert, key) => {
+                    let read = |p: &std::path::PathBuf| {
+                        std::fs::read(p).map_err(|source| LinkError::Io { path: p.display().to_string(), source })
+                    };
+                    let client_auth = match (cert, key) {
+                        (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+                        _ => None,
+                    };
+                    match ca {
+                        Some(ca) => Transport::tls_with_config(TlsConfiguration::Simple { ca: read(ca)?, alpn: None, client_auth }),
+                        // A client certificate with the system's roots: rumqttc's
+                        // simple config needs a CA, so use the native roots' PEM
+                        // bundle where the distribution keeps it.
+                        None => {
+                            let ca = ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt"]
+                                .iter()
+                                .find_map(|p| std::fs::read(p).ok())
+                                .unwrap_or_default();
+                            Transport::tls_with_config(TlsConfiguration::Simple { ca, alpn: None, client_auth })
+                        }
+                    }
+                }
+            };
+            options.set_transport(transport);
+        }
+        // Room for a window of chunk requests plus telemetry bursts.
+        let (client, mut connection) = Client::new(options, 512);
+        let (min, max) = (config.reconnect_min, config.reconnect_max);
+        std::thread::Builder::new()
+            .name("outpost-mqtt".into())
+            .spawn(move || {
+                let mut backoff = min;
+                loop {
+                    let notification = match connection.recv() {
+                        Ok(n) => n,
+                        // The client side was dropped: the agent is stopping.
+                        Err(_) => return,
+                    };
+                    let input = match notification {
+                        Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                            backoff = min;
+                            log::info!("connected to the broker ({:?})", ack.code);
+                            Some(LinkEvent::Connected)
+                        }
+                        Ok(Event::Incoming(Packet::Publish(p))) => {
+                            Some(LinkEvent::Message { topic: p.topic, payload: p.payload.to_vec() })
+                        }
+                        Ok(_) => None,
+                        Err(e) => {
+                            let wait = jittered(backoff);
+                            log::warn!("broker connection lost ({e}); reconnecting in {wait:?}");
+                            if events.send(crate::agent::Input::Link(LinkEvent::Disconnected(e.to_string()))).is_err() {
+                                return;
+                            }
+                            std::thread::sleep(wait);
+                            backoff = (backoff * 2).min(max);
+                            None
+                        }
+                    };
+                    if let Some(input) = input {
+                        if events.send(crate::agent::Input::Link(input)).is_err() {
+                            return;
+                        }
+                    }
+                }
+            })
+            .map_err(LinkError::Spawn)?;
+        Ok(Link { client })
+    }
+
+    /// Subscribes to the device's retained desired topic and its chunk replies.
+    pub fn subscribe(&self, device_id: &str) -> Result<(), LinkError> {
+        self.client.try_subscribe(topics::desired(device_id), QoS::AtLeastOnce)?;
+        self.client.try_subscribe(topics::chunk_data(device_id), QoS::AtLeastOnce)?;
+        Ok(())
+    }
+
+    /// Queues a publish without blocking.
+    pub fn publish(&self, topic: String, retain: bool, payload: Vec<u8>) -> Result<(), LinkError> {
+        self.client.try_publish(topic, QoS::AtLeastOnce, retain, payload)?;
+        Ok(())
+    }
+
+    /// Says goodbye cleanly (the broker then does *not* publish the will;
+    /// the agent publishes its own final state first).
+    pub fn disconnect(&self) {
+        let _ = self.client.try_disconnect();
+    }
+}
+
+/// A wait drawn uniformly from `[d/2, d]`.
+fn jittered(d: Duration) -> Duration {
+    let mut b = [0u8; 4];
+    let r = if getrandom::getrandom(&mut b).is_ok() { u32::from_le_bytes(b) as f64 / u32::MAX as f64 } else { 1.0 };
+    d.mul_f64(0.5 + 0.5 * r)
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_in_the_upper_half() {
+        for _ in 0..100 {
+            let j = jittered(Duration::from_millis(1000));
+            assert!(j >= Duration::from_millis(500) && j <= Duration::from_millis(1000));
+        }
+    }
+}

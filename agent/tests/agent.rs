@@ -1,0 +1,382 @@
+//! The agent against a real mosquitto, with the test playing the fleet.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use outpost_runtime::protocol::Status;
+
+const T: Duration = Duration::from_secs(60);
+
+struct World {
+    broker: Broker,
+    keys: Keys,
+    fleet: Fleet,
+    dir: tempfile::TempDir,
+    v1: Bundle,
+    v2: Bundle,
+}
+
+fn world(device: &str) -> World {
+    let broker = Broker::start();
+    let keys = Keys::new();
+    let fleet = Fleet::start(broker.port, device, keys.device.public_key());
+    let v1 = make_bundle(&keys, "bc_mlp.onnx", "bc", "1.0.0", 1);
+    let v2 = make_bundle(&keys, "bc_gb.onnx", "bc", "2.0.0", 2);
+    fleet.add(&v1);
+    fleet.add(&v2);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("state")).unwrap();
+    World { broker, keys, fleet, dir, v1, v2 }
+}
+
+impl World {
+    fn setup(&self, device: &str) -> AgentSetup {
+        AgentSetup::new(device, &self.broker, &self.keys, &self.dir.path().join("state"))
+    }
+
+    /// Brings a fresh agent to v1 committed.
+    fn install_v1(&self, agent: &AgentProc, device: &str) {
+        self.fleet.publish(&self.keys.signer, &directive(device, 1, &self.v1, 1));
+        agent.wait_version("1.0.0", T);
+        self.fleet.wait_state(device, "v1 committed", T, |s| s.committed && s.version.as_deref() == Some("1.0.0"));
+    }
+}
+
+#[test]
+fn update_commit_remote_rollback_and_refusals() {
+    let d = "dev-update";
+    let w = world(d);
+    let agent = w.setup(d).spawn();
+    agent.wait_http();
+    // No model yet: not ready, predictions 503.
+    assert_eq!(http(agent.port, "GET", "/ready", None).unwrap().0, 503);
+    w.install_v1(&agent, d);
+    assert_eq!(agent.predict().unwrap().0, 200);
+    let s = w.fleet.state(d).unwrap();
+    assert_eq!(s.status, Status::Serving);
+    assert_eq!(s.directive_sequence, 1);
+
+    // Update to v2: downloaded, probation, committed.
+    w.fleet.publish(&w.keys.signer, &directive(d, 2, &w.v2, 1));
+    agent.wait_version("2.0.0", T);
+    w.fleet.wait_state(d, "v2 committed", T, |s| s.committed && s.version.as_deref() == Some("2.0.0"));
+
+    // Remote rollback: a new directive (seq 3) naming v1, served from the
+    // other slot without downloading again.
+    let served_before = w.fleet.stats.requests.load(Ordering::SeqCst);
+    w.fleet.publish(&w.keys.signer, &directive(d, 3, &w.v1, 1));
+    agent.wait_version("1.0.0", T);
+    w.fleet.wait_state(d, "v1 committed again", T, |s| s.committed && s.directive_sequence == 3);
+    assert_eq!(w.fleet.stats.requests.load(Ordering::SeqCst), served_before, "no download for a slot it has");
+
+    // Replay: the old directive for v2 (seq 2) is refused; v1 keeps serving.
+    w.fleet.publish(&w.keys.signer, &directive(d, 2, &w.v2, 1));
+    let s = w.fleet.wait_state(d, "replay refused", T, |s| s.last_error.as_deref().is_some_and(|e| e.contains("replay")));
+    assert_eq!(s.version.as_deref(), Some("1.0.0"));
+    assert_eq!(agent.predict().unwrap().0, 200);
+
+    // Tampered directive: one byte flipped in the signed payload.
+    let mut bytes = w.keys.signer.seal(&directive(d, 10, &w.v2, 1)).unwrap();
+    let n = bytes.len();
+    bytes[n - 100] ^= 1;
+    w.fleet.publish_raw(d, bytes);
+    w.fleet.wait_state(d, "tampered directive refused", T, |s| {
+        s.last_error.as_deref().is_some_and(|e| e.contains("directive refused") && !e.contains("replay"))
+    });
+
+    // Directive signed by a key another root certified.
+    let stranger = Keys::new();
+    w.fleet.publish(&stranger.signer, &directive(d, 11, &w.v2, 1));
+    w.fleet.wait_state(d, "foreign directive refused", T, |s| {
+        s.last_error.as_deref().is_some_and(|e| e.contains("not signed by the trusted root"))
+    });
+
+    // Directive for another device.
+    w.fleet.publish_raw(d, w.keys.signer.seal(&directive("someone-else", 12, &w.v2, 1)).unwrap());
+    w.fleet.wait_state(d, "other device's directive refused", T, |s| {
+        s.last_error.as_deref().is_some_and(|e| e.contains("not for this device"))
+    });
+
+    // Tampered bundle: the model bytes do not match the signed digest.
+    let bad = tampered_bundle(&w.keys, &w.v2);
+    w.fleet.add(&bad);
+    w.fleet.publish(&w.keys.signer, &directive(d, 13, &bad, 1));
+    w.fleet.wait_state(d, "tampered bundle refused", T, |s| {
+        s.last_error.as_deref().is_some_and(|e| e.contains("digest mismatch")) && s.target.is_none()
+    });
+
+    // A bundle whose manifest is not the one the directive names.
+    let other = make_bundle(&w.keys, "bc_gb.onnx", "bc", "2.0.0", 14);
+    w.fleet.add(&other);
+    let mut wrong = directive(d, 15, &other, 1);
+    wrong.manifest_sha256 = w.v2.manifest_sha256;
+    w.fleet.publish(&w.keys.signer, &wrong);
+    w.fleet.wait_state(d, "unnamed manifest refused", T, |s| {
+        s.last_error.as_deref().is_some_and(|e| e.contains("not the one the directive named")) && s.directive_sequence == 15
+    });
+
+    // A signed bundle whose model does not load.
+    let (mut manifest, _) = manifest_for("bc_mlp.onnx", "bc", "3.0.0", 16);
+    let junk = vec![0x42u8; 4096];
+    manifest.model_sha256 = outpost_runtime::bundle::Digest::of(&junk);
+    manifest.model_size = junk.len() as u64;
+    let junk_bundle = raw_bundle(&w.keys, &manifest, &junk);
+    w.fleet.add(&junk_bundle);
+    w.fleet.publish(&w.keys.signer, &directive(d, 17, &junk_bundle, 1));
+    w.fleet.wait_state(d, "unloadable model refused", T, |s| {
+        s.last_error.as_deref().is_some_and(|e| e.contains("activation")) && s.directive_sequence == 17
+    });
+
+    // Through all of it, v1 served.
+    assert_eq!(agent.model_version().as_deref(), Some("1.0.0"));
+    assert_eq!(agent.predict().unwrap().0, 200);
+    // Telemetry and sketches arrived, signed, version-tagged.
+    wait_for("telemetry", T, || w.fleet.telemetry.lock().unwrap().iter().any(|t| t["body"]["model"]["version"] == "1.0.0"));
+    assert!(w.fleet.sketches.load(Ordering::SeqCst) > 0);
+}
+
+/// Kills the agent (SIGKILL) at `step` of an update from v1 to v2, restarts
+/// it, and checks it serves a verified model at once and then finishes the
+/// update.
+fn crash_at(step: &str) {
+    let d = &format!("dev-crash-{step}");
+    let w = world(d);
+    let setup = w.setup(d).env("OUTPOST_CHUNK_SIZE", "1024").env("OUTPOST_CHUNKS_IN_FLIGHT", "2");
+    let mut agent = setup.spawn();
+    agent.wait_http();
+    w.install_v1(&agent, d);
+    agent.kill9();
+
+    let mut agent = setup.spawn_with(&[("OUTPOST_TEST_PAUSE_AT", step)]);
+    agent.wait_http();
+    agent.wait_version("1.0.0", T);
+    w.fleet.publish(&w.keys.signer, &directive(d, 2, &w.v2, 2));
+    agent.wait_paused(step);
+    let mid = agent.model_version();
+    agent.kill9();
+
+    let agent = setup.spawn();
+    agent.wait_http();
+    // Serves a verified model as soon as it is up: v1, or v2 on probation.
+    wait_for("a model after restart", T, || agent.model_version().is_some());
+    let v = agent.model_version().unwrap();
+    assert!(v == "1.0.0" || (v == "2.0.0" && step == "probation"), "after {step}: {v} (before kill: {mid:?})");
+    assert_eq!(agent.predict().unwrap().0, 200);
+    // And finishes the update.
+    agent.wait_version("2.0.0", T);
+    w.fleet.wait_state(d, "v2 committed after the crash", T, |s| s.committed && s.version.as_deref() == Some("2.0.0"));
+    if step == "download" {
+        // Resumed, not restarted: the first chunk asked for after the
+        // restart is past the start.
+        let served = w.fleet.stats.served.lock().unwrap();
+        assert!(served.iter().any(|(off, _)| *off > 0));
+    }
+}
+
+#[test]
+fn crash_mid_download() {
+    crash_at("download");
+}
+
+#[test]
+fn crash_mid_rename() {
+    crash_at("rename");
+}
+
+#[test]
+fn crash_after_slot_write() {
+    crash_at("slot-written");
+}
+
+#[test]
+fn crash_mid_probation() {
+    crash_at("probation");
+}
+
+/// A version that crashes the device during probation again and again is
+/// abandoned: the agent rolls back to the previous slot by itself.
+#[test]
+fn crash_loop_in_probation_rolls_back() {
+    let d = "dev-crashloop";
+    let w = world(d);
+    let setup = w.setup(d).env("OUTPOST_PROBATION_MAX_BOOTS", "2");
+    let mut agent = setup.spawn();
+    agent.wait_http();
+    w.install_v1(&agent, d);
+    agent.kill9();
+    let mut d2 = directive(d, 2, &w.v2, 30);
+    d2.probation = None; // use the agent's configured probation (max_boots 2)
+    for i in 0..2 {
+        let mut a = setup.spawn_with(&[("OUTPOST_TEST_PAUSE_AT", "probation"), ("OUTPOST_PROBATION_SECS", "30")]);
+        if i == 0 {
+            a.wait_http();
+            w.fleet.publish(&w.keys.signer, &d2);
+            a.wait_paused("probation");
+        } else {
+            // Restarted on probation: crash again "while serving v2".
+            a.wait_http();
+            a.wait_version("2.0.0", T);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        a.kill9();
+    }
+    let agent = setup.spawn_with(&[("OUTPOST_PROBATION_SECS", "30")]);
+    agent.wait_http();
+    agent.wait_version("1.0.0", T);
+    let s = w.fleet.wait_state(d, "rolled back", T, |s| s.status == Status::RolledBack);
+    assert!(s.rollback_reason.as_deref().unwrap().contains("crash loop"), "{s:?}");
+    assert_eq!(s.rolled_back_from.as_ref().map(|m| m.version.as_str()), Some("2.0.0"));
+    assert_eq!(s.version.as_deref(), Some("1.0.0"));
+    assert_eq!(agent.predict().unwrap().0, 200);
+}
+
+/// The broker restarts mid-download: the agent reconnects, re-reads its
+/// desired state, and resumes from the last verified chunk.
+#[test]
+fn broker_restart_mid_download_resumes() {
+    let d = "dev-broker";
+    let mut w = world(d);
+    let setup = w.setup(d).env("OUTPOST_CHUNK_SIZE", "1024").env("OUTPOST_CHUNKS_IN_FLIGHT", "1");
+    let agent = setup.spawn();
+    agent.wait_http();
+    w.install_v1(&agent, d);
+    w.fleet.chunk_delay_ms.store(40, Ordering::SeqCst);
+    let total_chunks = w.v2.bytes.len().div_ceil(1024);
+    w.fleet.publish(&w.keys.signer, &directive(d, 2, &w.v2, 1));
+    wait_for("a third of the chunks", T, || w.fleet.stats.served.lock().unwrap().len() > total_chunks / 3);
+    let before = w.fleet.stats.served.lock().unwrap().len();
+    let last_offset = w.fleet.stats.served.lock().unwrap().last().unwrap().0;
+    w.broker.restart(Duration::from_millis(500));
+    // The broker lost its retained messages (no persistence), as a real one
+    // may: the fleet publishes desired again on reconnect, as the fleet does.
+    std::thread::sleep(Duration::from_secs(1));
+    w.fleet.publish(&w.keys.signer, &directive(d, 2, &w.v2, 1));
+    agent.wait_version("2.0.0", T);
+    let served = w.fleet.stats.served.lock().unwrap().clone();
+    let first_after = served[before..].first().map(|(o, _)| *o).unwrap();
+    assert!(first_after > 0 && first_after <= last_offset + 1024, "resumed at {first_after}, last before {last_offset}");
+    assert!(served.len() < total_chunks + 8, "{} chunks served for {total_chunks}", served.len());
+    assert!(w.fleet.offline_seen.load(Ordering::SeqCst) == 0 || true);
+    assert_eq!(agent.predict().unwrap().0, 200);
+}
+
+/// 32 client threads hammer /predict while the model is swapped (v1 → v2 →
+/// v1): not one request fails. Prints the longest request latency.
+#[test]
+fn no_request_fails_during_swaps() {
+    let d = "dev-load";
+    let w = world(d);
+    let agent = w.setup(d).spawn();
+    agent.wait_http();
+    w.install_v1(&agent, d);
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let max_us = Arc::new(AtomicU64::new(0));
+    let body = predict_body();
+    let port = agent.port;
+    let threads: Vec<_> = (0..32)
+        .map(|_| {
+            let (stop, ok, failed, max_us, body) = (stop.clone(), ok.clone(), failed.clone(), max_us.clone(), body.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    match http(port, "POST", "/predict", Some(&body)) {
+                        Ok((200, _)) => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                            max_us.fetch_max(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+                        }
+                        other => {
+                            eprintln!("failed request: {other:?}");
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let before_swap_max = max_us.swap(0, Ordering::Relaxed);
+    w.fleet.publish(&w.keys.signer, &directive(d, 2, &w.v2, 1));
+    agent.wait_version("2.0.0", T);
+    std::thread::sleep(Duration::from_millis(500));
+    w.fleet.publish(&w.keys.signer, &directive(d, 3, &w.v1, 1));
+    agent.wait_version("1.0.0", T);
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let swap_max = max_us.load(Ordering::Relaxed);
+    eprintln!(
+        "FIGURE swap: {} requests ok, {} failed; max latency during swaps {:.1} ms (steady-state max before: {:.1} ms)",
+        ok.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed),
+        swap_max as f64 / 1000.0,
+        before_swap_max as f64 / 1000.0
+    );
+    assert_eq!(failed.load(Ordering::Relaxed), 0);
+    assert!(ok.load(Ordering::Relaxed) > 100);
+    if let Some(rss) = agent.rss_bytes() {
+        eprintln!("FIGURE rss: agent resident memory with the MLP loaded, after the load test: {:.1} MiB", rss as f64 / (1 << 20) as f64);
+    }
+}
+
+/// Download throughput over loopback MQTT with a large (8 MiB) bundle, with
+/// the default chunk size and window. Its "model" is not a model, so the
+/// agent refuses it at activation and keeps serving v1.
+#[test]
+fn download_throughput_figure() {
+    let d = "dev-throughput";
+    let w = world(d);
+    let agent = w.setup(d).spawn();
+    agent.wait_http();
+    w.install_v1(&agent, d);
+    let rss = agent.rss_bytes().unwrap_or(0);
+    eprintln!("FIGURE rss: agent resident memory with the MLP loaded (idle): {:.1} MiB", rss as f64 / (1 << 20) as f64);
+    let (mut manifest, _) = manifest_for("bc_mlp.onnx", "bc", "9.0.0", 9);
+    let mut big = vec![0u8; 8 << 20];
+    getrandom::getrandom(&mut big).unwrap();
+    manifest.model_sha256 = outpost_runtime::bundle::Digest::of(&big);
+    manifest.model_size = big.len() as u64;
+    let b = raw_bundle(&w.keys, &manifest, &big);
+    w.fleet.add(&b);
+    let start = Instant::now();
+    let served_before = w.fleet.stats.served.lock().unwrap().len();
+    w.fleet.publish(&w.keys.signer, &directive(d, 2, &b, 1));
+    w.fleet.wait_state(d, "the big bundle refused at activation", Duration::from_secs(120), |s| {
+        s.directive_sequence == 2 && s.last_error.as_deref().is_some_and(|e| e.contains("activation"))
+    });
+    let served = w.fleet.stats.served.lock().unwrap()[served_before..].to_vec();
+    let (first, last) = (served.first().unwrap().1, served.last().unwrap().1);
+    let secs = (last - first).as_secs_f64().max(1e-3);
+    eprintln!(
+        "FIGURE download: {:.1} MiB in {:.2} s over loopback MQTT = {:.1} MiB/s (32 KiB chunks, 8 in flight; {:.2} s from directive to refusal)",
+        b.bytes.len() as f64 / (1 << 20) as f64,
+        secs,
+        b.bytes.len() as f64 / (1 << 20) as f64 / secs,
+        start.elapsed().as_secs_f64()
+    );
+    assert_eq!(agent.model_version().as_deref(), Some("1.0.0"));
+    assert_eq!(agent.predict().unwrap().0, 200);
+}
+
+#[test]
+fn config_mistakes_stop_the_start_with_the_key() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost-agent"))
+        .args(["run"])
+        .env("OUTPOST_DEVICE_ID", "ok")
+        .env("OUTPOST_BROKER", "http://nope")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`broker`"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost-agent")).arg("--version").output().unwrap();
+    assert!(out.status.success());
+}

@@ -1,0 +1,384 @@
+//! The fleet's HTTP API (tiny_http): health, readiness and metrics for
+//! anyone, and the operator endpoints behind `Authorization: Bearer <api_token>`.
+//!
+//! | method, path | auth | what |
+//! |---|---|---|
+//! | GET `/health` | – | 200 `{"status":"healthy"}` while the process serves |
+//! | GET `/ready` | – | 200 `{"status":"ready"}` once the registry is open and the MQTT link is up, else 503 with the reason |
+//! | GET `/metrics` | – | Prometheus text (see [`crate::metrics`]) |
+//! | GET `/v1/devices` | ✓ | `{"devices":[…]}` |
+//! | GET `/v1/devices/{id}` | ✓ | one device, with its current directive |
+//! | POST `/v1/devices` | ✓ | provision: `{"device_id","tags":[…],"state_dir"?,"listen"?}` → 201 with the agent config |
+//! | GET `/v1/models` | ✓ | `{"versions":[…]}` |
+//! | POST `/v1/uploads?filename=F` | ✓ | raw body → 201 `{"upload":ID,"size":N}`; single-use, for publish |
+//! | POST `/v1/publish` | ✓ | `{"name","version","model":ID,"train_data":ID,"test_data":ID,"min_accuracy"}` → 201 report; 422/409 refusal |
+//! | POST `/v1/deploy` | ✓ | `{"target":"NAME@VERSION","devices":[…]}` → `{"deployed":[…]}` |
+//! | GET `/v1/audit?limit=N` | ✓ | newest audit entries first |
+//!
+//! Errors are `{"error":{"code":…,"message":…}}`, as on devices:
+//! 400 `bad_request` (malformed JSON), 401 `unauthorized`, 404 `not_found`,
+//! 405 `method_not_allowed`, 409 `conflict`, 413 `too_large`,
+//! 422 `invalid` / `refused`, 500 `internal`, 503 `unavailable`.
+//!
+//! Every operator action (provision, upload, publish, deploy) is written to
+//! the audit log with its result. The actor is the `X-Outpost-Actor` header
+//! the CLI sets (`user@host`), or `operator`: there is one token, so this
+//! names who claims to act, for the record, not for access control.
+//!
+//! The API speaks plain HTTP; put it on loopback or a private network, or
+//! behind a TLS-terminating proxy (provisioning answers carry device secrets).
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tiny_http::{Header, Method, Request, Response};
+
+use crate::bundles::unique;
+use crate::directives::parse_target;
+use crate::provisioning::{provision, ProvisionError, ProvisionRequest};
+use crate::publish::{PublishError, PublishRequest};
+use crate::server::Fleet;
+
+/// Largest JSON request body.
+pub const MAX_JSON_BYTES: u64 = 1 << 20;
+/// Largest upload (a model or a CSV).
+pub const MAX_UPLOAD_BYTES: u64 = 512 << 20;
+/// Worker threads answering requests; a publish occupies one for seconds.
+pub const WORKERS: usize = 8;
+
+/// An API answer: status and JSON (or text for /metrics).
+pub struct Reply {
+    status: u16,
+    body: Vec<u8>,
+    content_type: &'static str,
+}
+
+impl Reply {
+    fn json(status: u16, v: Value) -> Reply {
+        Reply { status, body: serde_json::to_vec(&v).unwrap_or_default(), content_type: "application/json" }
+    }
+    fn ok<T: serde::Serialize>(status: u16, v: &T) -> Reply {
+        match serde_json::to_value(v) {
+            Ok(v) => Reply::json(status, v),
+            Err(e) => error(500, "internal", &format!("encoding the answer: {e}")),
+        }
+    }
+}
+
+fn error(status: u16, code: &str, message: &str) -> Reply {
+    Reply::json(status, json!({"error": {"code": code, "message": message}}))
+}
+
+/// Serves the API until the process ends. Returns once the listener is up.
+pub fn start(fleet: Arc<Fleet>) -> Result<std::net::SocketAddr, String> {
+    let server = tiny_http::Server::http(fleet.config.api_listen)
+        .map_err(|e| format!("api_listen: cannot listen on {}: {e}", fleet.config.api_listen))?;
+    let addr = server.server_addr().to_ip().ok_or("api_listen: not an IP listener")?;
+    let server = Arc::new(server);
+    for i in 0..WORKERS {
+        let server = server.clone();
+        let fleet = fleet.clone();
+        std::thread::Builder::new()
+            .name(format!("api-{i}"))
+            .spawn(move || loop {
+                match server.recv() {
+                    Ok(req) => handle(&fleet, req),
+                    Err(e) => log::warn!("api: accepting a request: {e}"),
+                }
+            })
+            .map_err(|e| format!("starting API threads: {e}"))?;
+    }
+    Ok(addr)
+}
+
+fn handle(fleet: &Fleet, mut req: Request) {
+    let reply = route(fleet, &mut req);
+    fleet.metrics.api(reply.status);
+    let mut response = Response::from_data(reply.body).with_status_code(reply.status);
+    if let Ok(h) = Header::from_bytes(&b"Content-Type"[..], reply.content_type.as_bytes()) {
+        response = response.with_header(h);
+    }
+    if let Err(e) = req.respond(response) {
+        log::debug!("api: answering: {e}");
+    }
+}
+
+fn header<'a>(req: &'a Request, name: &str) -> Option<&'a str> {
+    req.headers().iter().find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name)).map(|h| h.value.as_str())
+}
+
+fn authorized(fleet: &Fleet, req: &Request) -> bool {
+    let Some(value) = header(req, "Authorization") else { return false };
+    let Some(token) = value.strip_prefix("Bearer ").map(str::trim) else { return false };
+    let want = fleet.config.api_token.as_bytes();
+    token.len() == want.len() && token.bytes().zip(want).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+/// Who the audit log says acted.
+fn actor(req: &Request) -> String {
+    header(req, "X-Outpost-Actor")
+        .map(|a| a.chars().filter(|c| !c.is_control()).take(128).collect::<String>())
+        .filter(|a| !a.is_empty())
+        .unwrap_or_else(|| "operator".into())
+}
+
+fn route(fleet: &Fleet, req: &mut Request) -> Reply {
+    let url = req.url().to_string();
+    let (path, query) = url.split_once('?').unwrap_or((&url, ""));
+    let path = path.trim_end_matches('/');
+    let method = req.method().clone();
+    match (&method, path) {
+        (Method::Get, "/health") => return Reply::json(200, json!({"status": "healthy"})),
+        (Method::Get, "/ready") => {
+            return match fleet.not_ready_reason() {
+                None => Reply::json(200, json!({"status": "ready"})),
+                Some(reason) => Reply::json(503, json!({"status": "not ready", "reason": reason})),
+            }
+        }
+        (Method::Get, "/metrics") => {
+            return Reply {
+                status: 200,
+                body: fleet.metrics.render(&fleet.registry).into_bytes(),
+                content_type: "text/plain; version=0.0.4; charset=utf-8",
+            }
+        }
+        _ => {}
+    }
+    if !path.starts_with("/v1/") {
+        return error(404, "not_found", &format!("no endpoint {path}"));
+    }
+    if !authorized(fleet, req) {
+        log::warn!("api: refused {method} {path} from {:?}: missing or wrong bearer token", req.remote_addr());
+        return error(
+            401,
+            "unauthorized",
+            "this endpoint needs `Authorization: Bearer <api_token>` (the api_token of fleet.toml; the CLI reads OUTPOST_TOKEN or --token)",
+        );
+    }
+    let actor = actor(req);
+    let segments: Vec<&str> = path.trim_start_matches("/v1/").split('/').collect();
+    match (&method, segments.as_slice()) {
+        (Method::Get, ["devices"]) => match fleet.registry.devices() {
+            Ok(devices) => Reply::ok(200, &json!({ "devices": devices })),
+            Err(e) => error(500, "internal", &e.to_string()),
+        },
+        (Method::Get, ["devices", id]) => match (fleet.registry.device(id), fleet.registry.directive(id)) {
+            (Ok(Some(d)), Ok(directive)) => Reply::ok(200, &json!({"device": d, "directive": directive})),
+            (Ok(None), _) => error(404, "not_found", &format!("no device {id}")),
+            (Err(e), _) | (_, Err(e)) => error(500, "internal", &e.to_string()),
+        },
+        (Method::Post, ["devices"]) => {
+            let body: ProvisionRequest = match read_json(req) {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let result = provision(&fleet.registry, &fleet.root, &fleet.config.public_broker_url, &body);
+            let target = body.device_id.clone();
+            match result {
+                Ok(p) => {
+                    fleet.audit(&actor, "provision", &target, "ok");
+                    Reply::ok(201, &p)
+                }
+                Err(e) => {
+                    fleet.audit(&actor, "provision", &target, &format!("refused: {e}"));
+                    match e {
+                        ProvisionError::Exists(_) => error(409, "conflict", &e.to_string()),
+                        ProvisionError::BadId(..) | ProvisionError::BadTag(_) => error(422, "invalid", &e.to_string()),
+                        _ => error(500, "internal", &e.to_string()),
+                    }
+                }
+            }
+        }
+        (Method::Get, ["models"]) => match fleet.registry.versions() {
+            Ok(v) => Reply::ok(200, &json!({ "versions": v })),
+            Err(e) => error(500, "internal", &e.to_string()),
+        },
+        (Method::Post, ["uploads"]) => upload(fleet, req, query, &actor),
+        (Method::Post, ["publish"]) => publish(fleet, req, &actor),
+        (Method::Post, ["deploy"]) => deploy(fleet, req, &actor),
+        (Method::Get, ["audit"]) => {
+            let limit = query_param(query, "limit").and_then(|v| v.parse().ok()).unwrap_or(100usize).min(10_000);
+            match fleet.registry.audit_log(limit) {
+                Ok(a) => Reply::ok(200, &json!({ "audit": a })),
+                Err(e) => error(500, "internal", &e.to_string()),
+            }
+        }
+        (_, ["devices"] | ["devices", _] | ["models"] | ["uploads"] | ["publish"] | ["deploy"] | ["audit"]) => {
+            error(405, "method_not_allowed", &format!("{method} is not allowed on {path}"))
+        }
+        _ => error(404, "not_found", &format!("no endpoint {path}")),
+    }
+}
+
+fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == name).map(|(_, v)| v)
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(req: &mut Request) -> Result<T, Reply> {
+    if req.body_length().is_some_and(|n| n as u64 > MAX_JSON_BYTES) {
+        return Err(error(413, "too_large", &format!("the JSON body is over {MAX_JSON_BYTES} bytes")));
+    }
+    let mut body = Vec::new();
+    req.as_reader()
+        .take(MAX_JSON_BYTES + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| error(400, "bad_request", &format!("reading the body: {e}")))?;
+    if body.len() as u64 > MAX_JSON_BYTES {
+        return Err(error(413, "too_large", &format!("the JSON body is over {MAX_JSON_BYTES} bytes")));
+    }
+    let value: Value =
+        serde_json::from_slice(&body).map_err(|e| error(400, "bad_request", &format!("malformed JSON: {e}")))?;
+    serde_json::from_value(value).map_err(|e| error(422, "invalid", &e.to_string()))
+}
+
+/// A file name safe to keep (its extension tells the model format).
+fn safe_file_name(name: &str) -> Option<String> {
+    let base = Path::new(name).file_name()?.to_str()?;
+    let clean: String =
+        base.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' }).collect();
+    (!clean.is_empty() && !clean.starts_with('.')).then_some(clean)
+}
+
+fn upload(fleet: &Fleet, req: &mut Request, query: &str, actor: &str) -> Reply {
+    let Some(name) = query_param(query, "filename").and_then(safe_file_name) else {
+        return error(422, "invalid", "upload needs ?filename=NAME (the extension tells a model's format)");
+    };
+    if req.body_length().is_some_and(|n| n as u64 > MAX_UPLOAD_BYTES) {
+        return error(413, "too_large", &format!("uploads are limited to {MAX_UPLOAD_BYTES} bytes"));
+    }
+    let id = format!("{:016x}", unique());
+    let dir = fleet.config.uploads_dir().join(&id);
+    let path = dir.join(&name);
+    let result = (|| -> Result<u64, Reply> {
+        std::fs::create_dir_all(&dir).map_err(|e| error(500, "internal", &format!("creating {}: {e}", dir.display())))?;
+        let mut file =
+            std::fs::File::create(&path).map_err(|e| error(500, "internal", &format!("creating {}: {e}", path.display())))?;
+        let n = std::io::copy(&mut req.as_reader().take(MAX_UPLOAD_BYTES + 1), &mut file)
+            .map_err(|e| error(400, "bad_request", &format!("reading the upload: {e}")))?;
+        if n > MAX_UPLOAD_BYTES {
+            return Err(error(413, "too_large", &format!("uploads are limited to {MAX_UPLOAD_BYTES} bytes")));
+        }
+        Ok(n)
+    })();
+    match result {
+        Ok(size) => {
+            fleet.audit(actor, "upload", &name, &format!("ok: {id}, {size} bytes"));
+            Reply::json(201, json!({"upload": id, "size": size, "filename": name}))
+        }
+        Err(reply) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            fleet.audit(actor, "upload", &name, "failed");
+            reply
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishBody {
+    name: String,
+    version: String,
+    model: String,
+    train_data: String,
+    test_data: String,
+    min_accuracy: f64,
+}
+
+/// The single file of upload `id`.
+fn upload_path(fleet: &Fleet, id: &str) -> Result<PathBuf, String> {
+    if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("{id:?} is not an upload id"));
+    }
+    let dir = fleet.config.uploads_dir().join(id);
+    let entry = std::fs::read_dir(&dir)
+        .ok()
+        .and_then(|mut it| it.next())
+        .and_then(Result::ok)
+        .ok_or_else(|| format!("no upload {id} (uploads are single-use)"))?;
+    Ok(entry.path())
+}
+
+fn publish(fleet: &Fleet, req: &mut Request, actor: &str) -> Reply {
+    let body: PublishBody = match read_json(req) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let target = format!("{}@{}", body.name, body.version);
+    let ids = [&body.model, &body.train_data, &body.test_data];
+    let paths: Result<Vec<PathBuf>, String> = ids.iter().map(|id| upload_path(fleet, id)).collect();
+    let reply = match paths {
+        Err(e) => {
+            fleet.metrics.publish("refused");
+            fleet.audit(actor, "publish", &target, &format!("refused: {e}"));
+            error(422, "invalid", &e)
+        }
+        Ok(paths) => {
+            let request = PublishRequest {
+                name: body.name.clone(),
+                version: body.version.clone(),
+                model: paths[0].clone(),
+                train_data: paths[1].clone(),
+                test_data: paths[2].clone(),
+                min_accuracy: body.min_accuracy,
+            };
+            match fleet.publisher.publish(&request) {
+                Ok(report) => {
+                    fleet.metrics.publish("ok");
+                    let acc = report.accuracy.as_ref().map(|a| format!(", accuracy {:.4}", a.accuracy)).unwrap_or_default();
+                    fleet.audit(actor, "publish", &target, &format!("ok: sequence {}{acc}", report.sequence));
+                    Reply::ok(201, &report)
+                }
+                Err(e) => {
+                    let refusal = e.is_refusal();
+                    fleet.metrics.publish(if refusal { "refused" } else { "error" });
+                    fleet.audit(actor, "publish", &target, &format!("refused: {e}"));
+                    match e {
+                        PublishError::VersionExists { .. } => error(409, "conflict", &e.to_string()),
+                        PublishError::Refused(_) => error(422, "refused", &e.to_string()),
+                        _ => error(500, "internal", &e.to_string()),
+                    }
+                }
+            }
+        }
+    };
+    // Uploads are single-use: whatever the outcome, they go.
+    for id in ids {
+        if id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let _ = std::fs::remove_dir_all(fleet.config.uploads_dir().join(id));
+        }
+    }
+    reply
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeployBody {
+    target: String,
+    devices: Vec<String>,
+}
+
+fn deploy(fleet: &Fleet, req: &mut Request, actor: &str) -> Reply {
+    let body: DeployBody = match read_json(req) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let what = format!("{} to {}", body.target, body.devices.join(","));
+    let result = parse_target(&body.target).and_then(|(n, v)| fleet.directives.deploy(n, v, &body.devices, None));
+    match result {
+        Ok(deployed) => {
+            fleet.audit(actor, "deploy", &what, "ok");
+            Reply::ok(200, &json!({ "deployed": deployed }))
+        }
+        Err(e) => {
+            fleet.audit(actor, "deploy", &what, &format!("refused: {e}"));
+            if e.is_client_error() {
+                error(422, "invalid", &e.to_string())
+            } else {
+                error(500, "internal", &e.to_string())
+            }
+        }
+    }
+}

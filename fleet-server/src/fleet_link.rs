@@ -1,0 +1,322 @@
+//! The fleet's own MQTT client: it subscribes to what every device
+//! publishes, believes only what the device's key signed, and answers
+//! chunk requests.
+//!
+//! # What the fleet believes
+//!
+//! A message on `devices/{X}/…` is accepted only if it is a
+//! [`DeviceSigned`] envelope that claims device X, is signed by X's key (the
+//! public key stored at provisioning), and has a counter above the last one
+//! accepted from X for that kind. Anything else is counted as `rejected`
+//! in `outpost_fleet_mqtt_messages_total` and changes nothing — whatever
+//! broker is in between and whichever credentials the sender used.
+//!
+//! - **state** counters are kept in the registry (`last_counter`, checked
+//!   again inside the `UPDATE`), so a replay stays refused across restarts.
+//! - **telemetry, sketch, chunk request** counters are kept in memory:
+//!   after a restart an old one could be accepted once, which costs a
+//!   re-sent chunk or a duplicated telemetry window, nothing more; writing
+//!   every chunk request to disk would cost far more.
+//! - The **last will** (`{"status":"offline"}`) is unsigned by nature (the
+//!   broker sends it). It only sets an in-memory presence hint shown as
+//!   `online: false`; the registry keeps the last signed state.
+//!
+//! # Threads
+//!
+//! One thread runs the rumqttc event loop and hands messages to a bounded
+//! queue; a few workers verify and act on them. When the queue is full,
+//! messages are dropped (counted as `dropped`) rather than stalling the
+//! event loop — a stalled loop misses keep-alives and drops the link for
+//! everyone. Devices re-send: state is retained, chunk requests re-ask.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use outpost_runtime::bundle::PublicKey;
+use outpost_runtime::protocol::topics::{self, Kind};
+use outpost_runtime::protocol::{
+    parse_state_payload, ChunkRequest, DeviceMessage, DeviceSigned, Limits, SketchMessage, StatePayload, Telemetry,
+};
+use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+
+use crate::artifacts::Artifacts;
+use crate::broker::FLEET_CLIENT_ID;
+use crate::metrics::Metrics;
+use crate::registry::{DeviceStateUpdate, Registry};
+
+/// Messages waiting for a worker.
+const QUEUE: usize = 8192;
+/// Worker threads verifying messages (ed25519 verification is ~50 µs).
+const WORKERS: usize = 4;
+/// A telemetry message refreshes `last_seen` in the registry at most this
+/// often per device (seconds): the registry fsyncs every write.
+const SEEN_EVERY_SECS: i64 = 60;
+
+/// How to reach the broker.
+#[derive(Clone, Debug)]
+pub struct LinkOptions {
+    pub host: String,
+    pub port: u16,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub client_id: String,
+}
+
+impl LinkOptions {
+    pub fn new(host: &str, port: u16) -> LinkOptions {
+        LinkOptions { host: host.into(), port, username: None, password: None, client_id: FLEET_CLIENT_ID.into() }
+    }
+}
+
+/// What the fleet knows about devices in memory.
+#[derive(Default)]
+pub struct Presence {
+    keys: HashMap<String, PublicKey>,
+    counters: HashMap<(String, &'static str), u64>,
+    /// `false` after a last will, `true` after any verified message.
+    online: HashMap<String, bool>,
+    seen_written: HashMap<String, i64>,
+}
+
+/// Verifies device messages and acts on them (module docs).
+pub struct Inbox {
+    registry: Arc<Registry>,
+    artifacts: Arc<Artifacts>,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+    presence: Mutex<Presence>,
+}
+
+/// What a worker should send back, if anything.
+pub type Outgoing = Option<(String, Vec<u8>)>;
+
+impl Inbox {
+    pub fn new(registry: Arc<Registry>, artifacts: Arc<Artifacts>, metrics: Arc<Metrics>) -> Inbox {
+        Inbox { registry, artifacts, metrics, limits: Limits::default(), presence: Mutex::new(Presence::default()) }
+    }
+
+    /// The device's presence hint: `Some(false)` after its last will,
+    /// `Some(true)` after a verified message, `None` if not heard of since start.
+    pub fn online(&self, device: &str) -> Option<bool> {
+        self.presence.lock().ok().and_then(|p| p.online.get(device).copied())
+    }
+
+    fn key(&self, device: &str) -> Option<PublicKey> {
+        if let Some(k) = self.presence.lock().ok().and_then(|p| p.keys.get(device).cloned()) {
+            return Some(k);
+        }
+        let record = self.registry.device(device).ok()??;
+        let bytes: [u8; 32] = record.public_key.as_slice().try_into().ok()?;
+        let key = PublicKey::from_bytes(&bytes).ok()?;
+        if let Ok(mut p) = self.presence.lock() {
+            p.keys.insert(device.to_string(), key.clone());
+        }
+        Some(key)
+    }
+
+    fn mark_online(&self, device: &str, online: bool) {
+        if let Ok(mut p) = self.presence.lock() {
+            p.online.insert(device.to_string(), online);
+        }
+    }
+
+    /// Opens a signed message with the in-memory counter of its kind.
+    fn open_counted<T: DeviceMessage>(&self, device: &str, payload: &[u8]) -> Result<T, String> {
+        let msg = DeviceSigned::<T>::from_bytes(payload, &self.limits).map_err(|e| e.to_string())?;
+        let key = self.key(device).ok_or_else(|| format!("unknown device {device}"))?;
+        let last = self.presence.lock().ok().and_then(|p| p.counters.get(&(device.to_string(), T::KIND)).copied());
+        let value = msg.open(device, &key, last, &self.limits).map_err(|e| e.to_string())?;
+        if let Ok(mut p) = self.presence.lock() {
+            let slot = p.counters.entry((device.to_string(), T::KIND)).or_insert(0);
+            if msg.counter() <= *slot {
+                // Another worker accepted a newer one meanwhile.
+                return Err(format!("{} counter {} is not above {}", T::KIND, msg.counter(), slot));
+            }
+            *slot = msg.counter();
+        }
+        Ok(value)
+    }
+
+    fn refresh_seen(&self, device: &str) {
+        let now = outpost_runtime::bundle::unix_now() as i64;
+        let due = self
+            .presence
+            .lock()
+            .map(|mut p| {
+                let last = p.seen_written.get(device).copied().unwrap_or(0);
+                if now - last >= SEEN_EVERY_SECS {
+                    p.seen_written.insert(device.to_string(), now);
+                    true
+                } else {
+                    false
+                }
+            })
+            .unwrap_or(false);
+        if due {
+            if let Err(e) = self.registry.touch_device(device, now) {
+                log::warn!("registry: last_seen of {device}: {e}");
+            }
+        }
+    }
+
+    /// Handles one message from `topic`; returns a reply to publish, if any.
+    pub fn handle(&self, topic: &str, payload: &[u8]) -> Outgoing {
+        let Some((device, kind)) = topics::parse(topic) else {
+            self.metrics.mqtt("other", false);
+            return None;
+        };
+        let (label, result): (&str, Result<Outgoing, String>) = match kind {
+            Kind::State => ("state", self.state(device, payload).map(|()| None)),
+            Kind::Telemetry => ("telemetry", self.open_counted::<Telemetry>(device, payload).map(|_| None)),
+            Kind::Sketch => ("sketch", self.open_counted::<SketchMessage>(device, payload).map(|_| None)),
+            Kind::ChunkRequest => (
+                "chunk_request",
+                self.open_counted::<ChunkRequest>(device, payload)
+                    .map(|req| self.artifacts.serve(device, &req).map(|r| (topics::chunk_data(device), r.to_bytes()))),
+            ),
+            // Our own publications echo back only if we subscribed to them.
+            Kind::Desired | Kind::ChunkData => return None,
+        };
+        match result {
+            Ok(out) => {
+                self.metrics.mqtt(label, true);
+                if kind != Kind::State {
+                    self.mark_online(device, true);
+                    self.refresh_seen(device);
+                }
+                out
+            }
+            Err(reason) => {
+                self.metrics.mqtt(label, false);
+                log::warn!("mqtt: rejected {label} on {topic}: {reason}");
+                None
+            }
+        }
+    }
+
+    fn state(&self, device: &str, payload: &[u8]) -> Result<(), String> {
+        let msg = match parse_state_payload(payload, &self.limits).map_err(|e| e.to_string())? {
+            StatePayload::Signed(m) => m,
+            StatePayload::Offline => {
+                self.mark_online(device, false);
+                return Ok(());
+            }
+            StatePayload::Cleared => return Ok(()),
+        };
+        let key = self.key(device).ok_or_else(|| format!("unknown device {device}"))?;
+        let record = self.registry.device(device).map_err(|e| e.to_string())?.ok_or("unknown device")?;
+        let state = msg.open(device, &key, Some(record.last_counter), &self.limits).map_err(|e| e.to_string())?;
+        let applied = self
+            .registry
+            .update_device_state(&DeviceStateUpdate {
+                device,
+                counter: msg.counter(),
+                seen_at: outpost_runtime::bundle::unix_now() as i64,
+                model: state.model.as_deref(),
+                version: state.version.as_deref(),
+                status: state.status.as_str(),
+                last_error: state.last_error.as_deref().or(state.rollback_reason.as_deref()),
+            })
+            .map_err(|e| e.to_string())?;
+        if !applied {
+            return Err(format!("state counter {} is not above the stored one", msg.counter()));
+        }
+        self.mark_online(device, true);
+        Ok(())
+    }
+}
+
+/// The running link.
+pub struct FleetLink {
+    pub client: Client,
+    pub connected: Arc<AtomicBool>,
+}
+
+/// Connects to the broker and starts the event loop and workers.
+/// `on_connect` runs on its own thread after every (re)connection (the
+/// fleet republishes retained directives there).
+pub fn start(opts: LinkOptions, inbox: Arc<Inbox>, on_connect: Arc<dyn Fn(&Client) + Send + Sync>) -> FleetLink {
+    let mut mqtt = MqttOptions::new(opts.client_id.clone(), opts.host.clone(), opts.port);
+    mqtt.set_keep_alive(Duration::from_secs(30));
+    let max = Limits::default().max_packet_bytes();
+    mqtt.set_max_packet_size(max, max);
+    mqtt.set_clean_session(true);
+    mqtt.set_inflight(200);
+    if let (Some(u), Some(p)) = (&opts.username, &opts.password) {
+        mqtt.set_credentials(u.clone(), p.clone());
+    }
+    let (client, mut connection) = Client::new(mqtt, 10_000);
+    let connected = Arc::new(AtomicBool::new(false));
+
+    let (tx, rx): (SyncSender<(String, Vec<u8>)>, Receiver<(String, Vec<u8>)>) = sync_channel(QUEUE);
+    let rx = Arc::new(Mutex::new(rx));
+    for i in 0..WORKERS {
+        let rx = rx.clone();
+        let inbox = inbox.clone();
+        let client = client.clone();
+        let spawned = std::thread::Builder::new().name(format!("mqtt-worker-{i}")).spawn(move || loop {
+            let next = match rx.lock() {
+                Ok(rx) => rx.recv(),
+                Err(_) => return,
+            };
+            let Ok((topic, payload)) = next else { return };
+            if let Some((reply_topic, bytes)) = inbox.handle(&topic, &payload) {
+                if let Err(e) = client.publish(reply_topic, QoS::AtLeastOnce, false, bytes) {
+                    log::warn!("mqtt: answering on {topic}: {e}");
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            log::error!("mqtt: starting worker {i}: {e}");
+        }
+    }
+
+    let flag = connected.clone();
+    let loop_client = client.clone();
+    let metrics = inbox.metrics.clone();
+    let spawned = std::thread::Builder::new().name("mqtt-link".into()).spawn(move || {
+        let filters: Vec<String> =
+            [Kind::State, Kind::Telemetry, Kind::Sketch, Kind::ChunkRequest].into_iter().map(topics::all).collect();
+        for event in connection.iter() {
+            match event {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    log::info!("mqtt: connected to {}:{}", opts.host, opts.port);
+                    for f in &filters {
+                        if let Err(e) = loop_client.try_subscribe(f.clone(), QoS::AtLeastOnce) {
+                            log::error!("mqtt: subscribing to {f}: {e}");
+                        }
+                    }
+                    flag.store(true, Ordering::SeqCst);
+                    let c = loop_client.clone();
+                    let hook = on_connect.clone();
+                    // Off the event loop: publishing blocks when the request
+                    // queue is full, and only this loop drains it.
+                    let _ = std::thread::Builder::new().name("mqtt-on-connect".into()).spawn(move || hook(&c));
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    match tx.try_send((p.topic.clone(), p.payload.to_vec())) {
+                        Ok(()) => {}
+                        Err(TrySendError::Full(_)) => metrics.mqtt("dropped", false),
+                        Err(TrySendError::Disconnected(_)) => return,
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if flag.swap(false, Ordering::SeqCst) {
+                        log::warn!("mqtt: link to {}:{} lost: {e}; reconnecting", opts.host, opts.port);
+                    } else {
+                        log::debug!("mqtt: connecting to {}:{}: {e}", opts.host, opts.port);
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        log::error!("mqtt: starting the event loop: {e}");
+    }
+    FleetLink { client, connected }
+}
