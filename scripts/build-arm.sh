@@ -7,10 +7,15 @@
 # Linker and C compiler per target come from .cargo/config.toml. On a fresh
 # Debian/Ubuntu machine with rustup this installs what it needs first.
 #
-#   scripts/build-arm.sh [--target aarch64|armv7|all] [--profile NAME] [-- CARGO_ARGS...]
+#   scripts/build-arm.sh [--target aarch64|armv7|all] [--profile NAME]
+#                        [--lean-runtime] [-- CARGO_ARGS...]
 #
-# --profile defaults to `device` (Cargo.toml: size over build speed); any
-# arguments after `--` go to `cargo build` (e.g. `-- --features ...`).
+# --profile defaults to `device` (Cargo.toml: size over build speed).
+# --lean-runtime builds outpost-runtime without its default features (no
+# MQTT streaming client: `serve --mqtt`), for devices where only the HTTP
+# API is used and every MiB counts; it costs a second cargo run, because the
+# agent needs the runtime library with them. Arguments after `--` go to
+# `cargo build`.
 # With Docker instead of cross compilers, `cross build --target T --profile
 # device -p outpost-runtime -p outpost-agent` does the same (cross.toml).
 set -euo pipefail
@@ -18,6 +23,7 @@ cd "$(dirname "$0")/.."
 
 targets=(aarch64-unknown-linux-musl armv7-unknown-linux-gnueabihf)
 profile=device
+lean=0
 extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -33,6 +39,7 @@ while [ $# -gt 0 ]; do
     --profile)
       [ $# -ge 2 ] || { echo "build-arm.sh: --profile needs a value" >&2; exit 2; }
       profile="$2"; shift 2 ;;
+    --lean-runtime) lean=1; shift ;;
     --) shift; extra=("$@"); break ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "build-arm.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
@@ -67,14 +74,22 @@ if command -v rustup >/dev/null 2>&1; then
 fi
 
 # --- build. Both binaries in one cargo run per target, so the shared
-# dependency graph (tract) is compiled once per target.
+# dependency graph (tract) is compiled once per target (a run with different
+# features recompiles much of it).
 for t in "${targets[@]}"; do
   echo "build-arm.sh: building $t ($profile profile)" >&2
   start=$SECONDS
-  cargo build --profile "$profile" --target "$t" \
-    -p outpost-runtime --bin outpost-runtime \
-    -p outpost-agent --bin outpost-agent \
-    ${extra[@]+"${extra[@]}"}
+  if [ "$lean" -eq 1 ]; then
+    cargo build --profile "$profile" --target "$t" -p outpost-runtime --bin outpost-runtime \
+      --no-default-features ${extra[@]+"${extra[@]}"}
+    cargo build --profile "$profile" --target "$t" -p outpost-agent --bin outpost-agent \
+      ${extra[@]+"${extra[@]}"}
+  else
+    cargo build --profile "$profile" --target "$t" \
+      -p outpost-runtime --bin outpost-runtime \
+      -p outpost-agent --bin outpost-agent \
+      ${extra[@]+"${extra[@]}"}
+  fi
   echo "build-arm.sh: $t built in $((SECONDS - start)) s" >&2
 done
 

@@ -5,12 +5,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 n=${1:-1000}
-cargo build -q --release -p outpost-fleet --bin outpost-fleet --example fleet_load
+# PROFILE=dev measures the debug build (dependencies at opt-level 1).
+profile=${PROFILE:-release}
+cargo build -q --profile "$profile" -p outpost-fleet --bin outpost-fleet --example fleet_load
+bin=target/$([ "$profile" = dev ] && echo debug || echo "$profile")
 dir=$(mktemp -d)
 trap 'kill $server $load 2>/dev/null || true; rm -rf "$dir"' EXIT
 api=$((20000 + RANDOM % 10000)); mqtt=$((api + 1))
 token=bench-token-0123456789abcdef
-target/release/outpost-fleet keygen --out "$dir/keys" >/dev/null
+$bin/outpost-fleet keygen --out "$dir/keys" >/dev/null
 cat > "$dir/fleet.toml" <<TOML
 data_dir = "data"
 api_listen = "127.0.0.1:$api"
@@ -19,11 +22,11 @@ keys_dir = "keys"
 [broker]
 listen = "127.0.0.1:$mqtt"
 TOML
-target/release/outpost-fleet serve --config "$dir/fleet.toml" 2>"$dir/serve.log" & server=$!
+$bin/outpost-fleet serve --config "$dir/fleet.toml" 2>"$dir/serve.log" & server=$!
 until curl -sf "http://127.0.0.1:$api/ready" >/dev/null; do sleep 0.1; done
 rss() { awk '/VmRSS/ {print $2 " kB"}' /proc/$server/status; }
 echo "server RSS idle: $(rss)"
-target/release/examples/fleet_load --server "http://127.0.0.1:$api" --token "$token" --broker-port $mqtt --devices "$n" \
+$bin/examples/fleet_load --server "http://127.0.0.1:$api" --token "$token" --broker-port $mqtt --devices "$n" \
     >"$dir/load.out" 2>"$dir/load.log" & load=$!
 until grep -q "all $n connected" "$dir/load.out" 2>/dev/null; do
     kill -0 $load 2>/dev/null || { cat "$dir/load.log"; exit 1; }

@@ -208,7 +208,9 @@ impl Inbox {
         };
         let key = self.key(device).ok_or_else(|| format!("unknown device {device}"))?;
         let record = self.registry.device(device).map_err(|e| e.to_string())?.ok_or("unknown device")?;
-        let state = msg.open(device, &key, Some(record.last_counter), &self.limits).map_err(|e| e.to_string())?;
+        // No status yet = no state ever accepted: any counter is fresh.
+        let last = record.status.as_ref().map(|_| record.last_counter);
+        let state = msg.open(device, &key, last, &self.limits).map_err(|e| e.to_string())?;
         let applied = self
             .registry
             .update_device_state(&DeviceStateUpdate {

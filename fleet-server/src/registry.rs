@@ -386,14 +386,14 @@ impl Registry {
     }
 
     /// Applies a device's state report if its counter is above the last one
-    /// accepted. Returns whether it was applied: an old or replayed message
+    /// accepted (any counter, 0 included, for a device's first report). Returns whether it was applied: an old or replayed message
     /// changes nothing.
     pub fn update_device_state(&self, u: &DeviceStateUpdate<'_>) -> Result<bool, RegistryError> {
         let conn = self.conn()?;
         let changed = conn.execute(
             "UPDATE devices SET last_seen = ?2, model = ?3, version = ?4, status = ?5, last_counter = ?6,
                  last_error = ?7
-             WHERE id = ?1 AND last_counter < ?6",
+             WHERE id = ?1 AND (last_counter < ?6 OR status IS NULL)",
             params![u.device, u.seen_at, u.model, u.version, u.status, u.counter as i64, u.last_error],
         )?;
         if changed == 0 {
@@ -646,6 +646,9 @@ mod tests {
             status,
             last_error: None,
         };
+        // A device's very first report may carry counter 0.
+        assert!(reg.update_device_state(&update(0, "idle")).expect("first report"));
+        assert!(!reg.update_device_state(&update(0, "failed")).expect("replayed first report"));
         assert!(reg.update_device_state(&update(5, "serving")).expect("apply"));
         assert!(!reg.update_device_state(&update(5, "offline")).expect("replay"));
         assert!(!reg.update_device_state(&update(3, "offline")).expect("old"));

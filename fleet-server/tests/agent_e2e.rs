@@ -55,7 +55,7 @@ fn provisioned_agent_receives_a_deploy_and_serves_it() {
     let port: u16 = listen.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
 
     // The agent reports itself (signed state) before any deploy.
-    assert!(eventually(|| !device(&fleet, "pi-e2e")["status"].is_null()), "no state from the agent: {}", agent_log());
+    assert!(eventually(|| !device(&fleet, "pi-e2e")["status"].is_null()), "no state from the agent: {}\n--- fleet ---\n{}", agent_log(), fleet.log());
 
     fleet.api().post_json("/v1/deploy", &json!({"target": "bc@1.0.0", "devices": ["pi-e2e"]})).expect("deploy");
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -193,3 +193,26 @@ fn cli_round_trip() {
     assert_eq!(code, Some(1));
     assert!(err.contains("Bearer"), "{err}");
 }
+
+#[test]
+fn serve_stops_on_a_config_mistake_naming_the_key() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let cases = [
+        ("api_token = \"0123456789abcdef0\"\nkeys_dir = \"k\"\n", "data_dir: missing"),
+        ("data_dir = \"d\"\napi_token = \"0123456789abcdef0\"\nkeys_dir = \"k\"\n[broker]\nurl = \"tcp://x\"\n", "broker.url:"),
+        ("data_dir = \"d\"\napi_token = \"0123456789abcdef0\"\nkeys_dir = \"nokeys\"\n[broker]\nlisten = \"127.0.0.1:0\"\n", "keys_dir"),
+    ];
+    for (text, want) in cases {
+        let config = dir.path().join("fleet.toml");
+        std::fs::write(&config, text).expect("write");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost-fleet"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(want), "{err:?} should name {want:?}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    }
+}

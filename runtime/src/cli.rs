@@ -42,6 +42,9 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     use std::time::{Duration, Instant};
 
     let started = Instant::now();
+    // Before any thread exists: tiny_http runs a thread per connection, and
+    // glibc would otherwise give many of them a malloc arena of their own.
+    outpost_runtime::server::memory::limit_malloc_arenas(2);
     let config = ServerConfig {
         listen: args.listen.clone(),
         threads: args.threads.unwrap_or(0),
@@ -64,6 +67,11 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         server.local_addr(),
         started.elapsed().as_secs_f64() * 1e3
     );
+    // Loading touched megabytes of code that serving never runs again.
+    match outpost_runtime::server::memory::release_startup_code() {
+        Ok(bytes) => log::debug!("released {} KiB of start-up code from resident memory", bytes / 1024),
+        Err(e) => log::debug!("could not release start-up code: {e}"),
+    }
     server.wait();
     Ok(())
 }

@@ -190,7 +190,7 @@ fn a_key_the_root_never_certified_is_refused() {
     let rogue_root = SecretKey::from_seed([0x67; 32]);
     let rogue_cert = issue_certificate(&rogue_root, &rogue.public_key(), 1, ISSUED_AT, VALID_FOR).expect("cert");
     let mut bundle = Vec::new();
-    write_bundle(&mut bundle, &signed, &[rogue_cert.clone()], &model).expect("write");
+    write_bundle(&mut bundle, &signed, std::slice::from_ref(&rogue_cert), &model).expect("write");
     assert!(matches!(verify(&bundle), Err(VerifyError::CertificateNotTrusted { .. })));
 
     // 3. Both, the genuine one first: still no certificate for this key.

@@ -234,9 +234,9 @@ fn bad_input_gets_the_documented_status_and_names_the_field() {
 fn a_413_does_not_read_or_allocate_the_declared_body() {
     let server = start_with("bc_mlp.onnx");
     let addr = server.local_addr();
-    // Declares a terabyte and sends nothing: tiny_http would try to drain it
-    // into a buffer of that size on drop; the server must neither abort nor
-    // wait for it.
+    // Declares a terabyte and sends nothing: upstream tiny_http 0.12 would
+    // allocate that much to drain it (see vendor/tiny_http/PATCHES.md); the
+    // server must neither abort nor wait for it.
     let mut c = Client::connect(addr);
     c.send("POST", "/predict", &[("Content-Length", "1000000000000")], b"");
     let (status, _) = c.read_head();

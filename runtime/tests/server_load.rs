@@ -166,23 +166,40 @@ fn dynamic_batching_merges_concurrent_requests_and_changes_no_answer() {
         .map(|t| {
             let (rows, expected, barrier) = (rows.clone(), expected.clone(), barrier.clone());
             std::thread::spawn(move || {
+                // Nothing in here may panic before the last barrier, or the
+                // other clients would wait at it forever: collect problems.
+                let mut problems = Vec::new();
                 let mut c = Client::connect(addr);
                 for round in 0..10 {
                     let i = (t * 10 + round) % rows.len();
                     barrier.wait();
                     let r = c.post_json("/predict", &features_body(&rows[i]));
-                    assert_eq!(r.status, 200);
-                    assert_eq!(r.json(), expected[i], "row {i} answered differently when batched");
+                    if r.status != 200 {
+                        problems.push(format!("row {i}: status {}", r.status));
+                        continue;
+                    }
+                    let (got, want) = (r.json(), &expected[i]);
+                    // A batched matrix product may round differently in the
+                    // last bits; the label must not change.
+                    let close = (got["probability"].as_f64().unwrap_or(-1.0)
+                        - want["probability"].as_f64().unwrap_or(1.0))
+                    .abs()
+                        < 1e-5;
+                    if got["prediction"] != want["prediction"] || !close || got["model"] != want["model"] {
+                        problems.push(format!("row {i}: batched {got} vs alone {want}"));
+                    }
                 }
-                // The batch endpoint and v2 take part too.
+                // The batch endpoint takes part too.
                 let r = c.post_json("/predict/batch", &json!({"instances": [rows[t], rows[t + 1]]}));
-                assert_eq!(r.json()["predictions"][1], expected[t + 1]["prediction"]);
+                if r.json()["predictions"][1] != expected[t + 1]["prediction"] {
+                    problems.push(format!("batch endpoint: {}", r.text()));
+                }
+                problems
             })
         })
         .collect();
-    for h in threads {
-        h.join().expect("client");
-    }
+    let problems: Vec<String> = threads.into_iter().flat_map(|h| h.join().expect("client")).collect();
+    assert!(problems.is_empty(), "{problems:#?}");
     let after = c.get("/metrics").text();
     let requests = metric(&after, "outpost_inference_batch_requests_sum", &[])
         - metric(&before, "outpost_inference_batch_requests_sum", &[]);
@@ -192,4 +209,27 @@ fn dynamic_batching_merges_concurrent_requests_and_changes_no_answer() {
     assert_eq!(requests, 176.0);
     assert!(runs < requests / 2.0, "merging happened: {requests} requests in {runs} runs");
     assert_eq!(get(addr, "/v1/model").json()["dynamic_batching"], true);
+}
+
+/// Keep-alive connections opened in a burst are all served. (Upstream
+/// tiny_http 0.12 left part of a burst unread until another connection
+/// closed; see vendor/tiny_http/PATCHES.md.)
+#[test]
+fn a_burst_of_keep_alive_connections_is_served() {
+    let server = start_with("bc_mlp.onnx");
+    let addr = server.local_addr();
+    let mut kept = Vec::new();
+    for round in 0..5 {
+        // Opened back to back from one thread: the tightest burst a client makes.
+        let mut clients: Vec<Client> = (0..48).map(|_| Client::connect(addr)).collect();
+        for c in &mut clients {
+            c.stream().set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+            c.send("GET", "/health", &[], b"");
+        }
+        for (i, c) in clients.iter_mut().enumerate() {
+            assert_eq!(c.read().status, 200, "round {round}, connection {i}");
+        }
+        // Keep them open (as wrk does) while the next burst arrives.
+        kept.extend(clients);
+    }
 }

@@ -66,7 +66,9 @@ fn ordered_inputs(model: &Model, inputs: &BTreeMap<String, JsonTensor>) -> Vec<T
         .map(|spec| {
             inputs
                 .get(&spec.name)
-                .unwrap_or_else(|| panic!("fixture lacks input {:?}; model takes {:?}", spec.name, model.signature()))
+                .unwrap_or_else(|| {
+                    panic!("fixture lacks input {:?}; model takes {:?}", spec.name, model.signature())
+                })
                 .to_tensor()
         })
         .collect()
@@ -179,13 +181,20 @@ fn tflite_fixtures_match_tflite_interpreter() {
                     }
                 }
             }
-            eprintln!("{model_name}: output {}: max abs error {worst:.3e} (tolerance {abs:.1e} + {rel:.1e}·|ref|)", spec.name);
+            eprintln!(
+                "{model_name}: output {}: max abs error {worst:.3e} (tolerance {abs:.1e} + {rel:.1e}·|ref|)",
+                spec.name
+            );
             if model_name.contains("int8") {
                 // The int8 graph agrees with TFLite's almost everywhere: the
                 // few differences come from the softmax kernels (see the
                 // tolerance), not from drifting layers.
                 let step = abs / 2.0;
-                let exact = f32s(got).iter().zip(&want.data).filter(|(g, w)| (f64::from(**g) - **w).abs() < step / 2.0).count();
+                let exact = f32s(got)
+                    .iter()
+                    .zip(&want.data)
+                    .filter(|(g, w)| (f64::from(**g) - **w).abs() < step / 2.0)
+                    .count();
                 eprintln!("{model_name}: {exact} of {} values exact", want.data.len());
                 assert!(exact * 10 >= want.data.len() * 9, "{model_name}: only {exact} exact values");
             }
@@ -275,7 +284,9 @@ struct O<'a> {
 enum Opts {
     #[default]
     None,
-    Reducer { keep_dims: bool },
+    Reducer {
+        keep_dims: bool,
+    },
     FullyConnected,
 }
 
@@ -343,7 +354,10 @@ fn build(tensors: &[T], ops: &[O], inputs: &[i32], outputs: &[i32]) -> Vec<u8> {
             Opts::None => (BuiltinOptions::NONE, None),
             Opts::Reducer { keep_dims } => (
                 BuiltinOptions::ReducerOptions,
-                Some(fb::ReducerOptions::create(&mut fbb, &fb::ReducerOptionsArgs { keep_dims }).as_union_value()),
+                Some(
+                    fb::ReducerOptions::create(&mut fbb, &fb::ReducerOptionsArgs { keep_dims })
+                        .as_union_value(),
+                ),
             ),
             Opts::FullyConnected => (
                 BuiltinOptions::FullyConnectedOptions,
@@ -421,10 +435,7 @@ fn builtin_operator_tract_lacks_is_refused_naming_it_and_its_node() {
     // tensor "lstm_out".
     let bytes = build(
         &[T::f32("x", &[1, 4]), T::f32("relu_out", &[1, 4]), T::f32("lstm_out", &[1, 4])],
-        &[
-            op(BuiltinOperator::RELU, &[0], &[1]),
-            op(BuiltinOperator::LSTM, &[1], &[2]),
-        ],
+        &[op(BuiltinOperator::RELU, &[0], &[1]), op(BuiltinOperator::LSTM, &[1], &[2])],
         &[0],
         &[2],
     );
@@ -435,7 +446,13 @@ fn builtin_operator_tract_lacks_is_refused_naming_it_and_its_node() {
 fn custom_operator_is_refused_naming_it() {
     let bytes = build(
         &[T::f32("x", &[1, 4]), T::f32("frobnicated", &[1, 4])],
-        &[O { code: BuiltinOperator::CUSTOM, custom: Some("Frobnicate"), inputs: &[0], outputs: &[1], options: Opts::None }],
+        &[O {
+            code: BuiltinOperator::CUSTOM,
+            custom: Some("Frobnicate"),
+            inputs: &[0],
+            outputs: &[1],
+            options: Opts::None,
+        }],
         &[0],
         &[1],
     );
@@ -477,10 +494,7 @@ fn quantize_in_the_middle_of_a_graph_is_refused_naming_it() {
     // x -> RELU -> QUANTIZE: not at the edge, so not moved to the runtime.
     let bytes = build(
         &[T::f32("x", &[1, 4]), T::f32("r", &[1, 4]), T::i8q("q", &[1, 4], 0.1, 0)],
-        &[
-            op(BuiltinOperator::RELU, &[0], &[1]),
-            op(BuiltinOperator::QUANTIZE, &[1], &[2]),
-        ],
+        &[op(BuiltinOperator::RELU, &[0], &[1]), op(BuiltinOperator::QUANTIZE, &[1], &[2])],
         &[0],
         &[2],
     );
@@ -538,7 +552,8 @@ fn edge_quantization_moves_into_the_runtime() {
     assert_eq!((sig.inputs[0].name.as_str(), sig.inputs[0].element_type), ("in", ElementType::F32));
     assert_eq!((sig.outputs[0].name.as_str(), sig.outputs[0].element_type), ("out", ElementType::F32));
     let x = vec![-1.0f32, 0.0, 0.26, 3.0];
-    let out = model.run(vec![TensorData::new(vec![1, 4], TensorValues::F32(x)).expect("input")]).expect("runs");
+    let out =
+        model.run(vec![TensorData::new(vec![1, 4], TensorValues::F32(x)).expect("input")]).expect("runs");
     // 0.26 / 0.05 = 5.2 -> 5 steps -> 0.25; 3.0 -> 60 steps -> 3.0.
     let want = [0.0f32, 0.0, 0.25, 3.0];
     for (g, w) in f32s(&out[0]).iter().zip(&want) {
@@ -604,7 +619,13 @@ fn corrupted_fixtures_never_panic() {
 
 #[test]
 fn negative_reduction_axes_are_counted_from_the_start() {
-    let axes = T { name: "axes", shape: &[1], dtype: TensorType::INT32, data: Some((-1i32).to_le_bytes().to_vec()), quant: None };
+    let axes = T {
+        name: "axes",
+        shape: &[1],
+        dtype: TensorType::INT32,
+        data: Some((-1i32).to_le_bytes().to_vec()),
+        quant: None,
+    };
     let bytes = build(
         &[T::f32("x", &[1, 2, 3]), axes, T::f32("total", &[1, 2])],
         &[O { options: Opts::Reducer { keep_dims: false }, ..op(BuiltinOperator::SUM, &[0, 1], &[2]) }],

@@ -6,9 +6,9 @@
 //! - [`verify_bundle_file`] / [`verify_bundle_bytes`]: a whole `.outpost` file.
 //! - [`verify_bundle_reader`]: a bundle from any `Read`, model bytes streamed
 //!   to a `Write` (never held in memory).
-//! - [`StreamVerifier`](super::StreamVerifier): chunk by chunk, as the agent
+//! - [`StreamVerifier`]: chunk by chunk, as the agent
 //!   receives them over MQTT.
-//! - [`verify_signed`]: a signed [`Envelope`](super::Envelope) (a deployment
+//! - [`verify_signed`]: a signed [`Envelope`] (a deployment
 //!   directive) with the same certificate and freshness checks.
 
 use std::io::{Read, Write};

@@ -80,11 +80,37 @@
 //! same finite reference: a constant offset from reference sampling noise is
 //! not a change, and a single odd window is forgiven.
 //!
-//! # Measured (see `tests/drift_*.rs`, `benches/drift.rs`)
+//! # Measured
 //!
-//! On the breast-cancer data (reference = the 426 training rows, 30
-//! features + the predicted class): false-alarm rates and detection delays
-//! are in `tests/drift_calibration.rs` and the README of `fixtures/drift/`.
+//! On the breast-cancer data (reference = the 426 training rows; 30
+//! features + the class as output), `tests/drift_calibration.rs`:
+//!
+//! - **False alarms**, 1,000 windows per size drawn with replacement from the
+//!   reference (the null holds exactly), any of 31 columns flagged:
+//!   0/1,000 at every size — 100, 200, 500, 1,000, 2,000, 5,000, 10,000
+//!   samples (largest score seen 0.96 at n = 100, i.e. the nearest miss was
+//!   4% below the threshold). The 143 held-out rows as one window: not
+//!   flagged (score 0.47). Page–Hinkley over those 1,000-window runs: no
+//!   alarm; over 300 windows of 500 drawn from the held-out rows (a
+//!   persistent small offset from the reference): no alarm.
+//! - **Detection**, +0.5 reference sd in one feature: flagged in ≥ 95% of
+//!   windows of **300 samples** for every one of the 30 features (of 100
+//!   samples for half of them). A live [`DriftMonitor`] with its default
+//!   500-sample windows flags a shift in `mean radius` within 241–704
+//!   samples of the onset (10 onsets; always ≤ 1,000 = two windows).
+//! - **Sequential**, +0.25 sd in `mean radius`, windows of 200: a single
+//!   window flags only ~25% of the time; Page–Hinkley alarms after a median
+//!   of 4 windows (worst of 50 runs: 6).
+//!
+//! `tests/drift_fixtures.rs` holds PSI and JS to scipy within 1e-9 (3e-15
+//! seen) and the exact `ks_2samp` D inside `[lower, upper]` in all 102
+//! cases. Cost and size (`benches/drift.rs`, x86 build machine, fastest of
+//! many rounds): an update is ~320 ns per request of 31 columns, ~10 ns per
+//! column (~400 ns at the devices' opt-level "z"); tract runs the
+//! `bc_mlp.onnx` fixture in ~8.5 µs, so the update is ~3.7% of that tiny
+//! model's inference (the 2% target holds for models from ~16 µs up). A
+//! 500-sample window sketch is 1.9 KB in postcard, a 10-million-sample one
+//! 3.9 KB, the reference 6.4 KB.
 
 pub mod monitor;
 pub mod reference;

@@ -3,8 +3,12 @@
 //! The model first goes through [`super::tflite_rewrite`], which refuses the
 //! operators tract-tflite lacks (naming them) and rewrites what published
 //! models need: float16 constants, quantize / dequantize at the graph edges
-//! (moved into the runtime's input and output adapters), `PRELU`. A model
-//! that needs none of it reaches tract byte for byte.
+//! (moved into the runtime's input and output adapters), `PRELU`,
+//! per-channel quantized fully-connected layers. A model that needs none of
+//! it reaches tract byte for byte. After tract has read the model, two
+//! fixes apply to its graph: quantized softmax output types (a tract-tflite
+//! bug) and output names. Limits and the operator lists are re-exported
+//! here; `docs/model-support.md` says what loads.
 
 use std::any::Any;
 
@@ -19,7 +23,7 @@ use super::{EdgeQuantization, LoadError, PreparedModel};
 use crate::tensor::ElementType;
 
 pub use super::tflite_rewrite::{
-    MAX_MODEL_BYTES, MAX_OPERATORS, MAX_OPERATOR_CODES, MAX_RANK, MAX_REWRITTEN_BYTES, MAX_TENSORS,
+    MAX_BUFFERS, MAX_MODEL_BYTES, MAX_OPERATORS, MAX_OPERATOR_CODES, MAX_RANK, MAX_REWRITTEN_BYTES, MAX_TENSORS,
     REWRITTEN_BUILTINS, TRACT_BUILTINS,
 };
 
@@ -62,9 +66,11 @@ fn fix_quantized_softmax(
             });
         };
         let fixed = Softmax { quant_output_dt: Some(computed), ..softmax.clone() };
-        let input = node.inputs.first().copied().ok_or_else(|| LoadError::Prepare {
-            reason: format!("SOFTMAX {name:?} has no input"),
-        })?;
+        let input = node
+            .inputs
+            .first()
+            .copied()
+            .ok_or_else(|| LoadError::Prepare { reason: format!("SOFTMAX {name:?} has no input") })?;
         // The model declares `wanted`: give the node that type first, so the
         // patch substitutes like for like; later nodes' facts are refreshed
         // once all softmaxes are patched.

@@ -19,6 +19,10 @@
 //!   edges keep the names the caller knows.
 //! - **`PRELU`** (float32) becomes `max(x, 0) + alpha * min(x, 0)` in
 //!   `MAXIMUM`, `MINIMUM`, `MUL` and `ADD`.
+//! - a quantized `FULLY_CONNECTED` with per-channel weights (current
+//!   converters' Dense layers) becomes a 1x1 `CONV_2D` between two
+//!   `RESHAPE`s: tract-tflite's fully-connected takes one weight scale.
+//! - negative reduction axes are counted from the start.
 //! - a `FULLY_CONNECTED` / `CONV_2D` / `DEPTHWISE_CONV_2D` without bias
 //!   (input index -1, Keras `use_bias=False`) gets a zero bias: tract indexes
 //!   the tensor list with -1 and panics otherwise.
@@ -594,10 +598,8 @@ impl<'a> Graph<'a> {
             }
             if let Some(q) = &t.quant {
                 if let Some((scale, zp)) = q.params() {
-                    let is_float = matches!(
-                        t.dtype,
-                        TensorType::FLOAT32 | TensorType::FLOAT16 | TensorType::FLOAT64
-                    );
+                    let is_float =
+                        matches!(t.dtype, TensorType::FLOAT32 | TensorType::FLOAT16 | TensorType::FLOAT64);
                     if scale.is_empty() || zp.is_empty() || is_float {
                         // tract reads element 0 of both vectors and
                         // quantizes the element type with them: empty
@@ -605,10 +607,7 @@ impl<'a> Graph<'a> {
                         // panic, and neither carries meaning.
                         t.quant = None;
                         stripped += 1;
-                    } else if !matches!(
-                        t.dtype,
-                        TensorType::INT8 | TensorType::UINT8 | TensorType::INT32
-                    ) {
+                    } else if !matches!(t.dtype, TensorType::INT8 | TensorType::UINT8 | TensorType::INT32) {
                         return Err(refused(format!(
                             "tensor {ix} ({:?}) is quantized {}, tract only reads quantized int8, uint8 and int32",
                             t.name,
@@ -633,9 +632,7 @@ impl<'a> Graph<'a> {
             }
         }
         if stripped > 0 {
-            self.changes.push(format!(
-                "dropped meaningless quantization parameters of {stripped} tensor(s)"
-            ));
+            self.changes.push(format!("dropped meaningless quantization parameters of {stripped} tensor(s)"));
         }
         if emptied > 0 {
             self.changes.push(format!("detached {emptied} tensor(s) from empty buffers"));
@@ -657,9 +654,7 @@ impl<'a> Graph<'a> {
     }
 
     fn consumers(&self, t: usize) -> Vec<usize> {
-        (0..self.ops.len())
-            .filter(|ix| self.ops[*ix].inputs.contains(&Some(t)))
-            .collect()
+        (0..self.ops.len()).filter(|ix| self.ops[*ix].inputs.contains(&Some(t))).collect()
     }
 
     fn producer(&self, t: usize) -> Option<usize> {
@@ -886,11 +881,8 @@ impl<'a> Graph<'a> {
             n += 1;
         }
         names.insert(name.clone());
-        let (shape, shape_signature) = self
-            .tensors
-            .get(like)
-            .map(|t| (t.shape.clone(), t.shape_signature.clone()))
-            .unwrap_or_default();
+        let (shape, shape_signature) =
+            self.tensors.get(like).map(|t| (t.shape.clone(), t.shape_signature.clone())).unwrap_or_default();
         self.tensors.push(Tensor {
             name: Cow::Owned(name),
             shape,
@@ -993,10 +985,9 @@ impl<'a> Graph<'a> {
             let input = &self.tensors[x];
             let (dtype, quant) = if input.dtype == TensorType::FLOAT32 {
                 (TensorType::FLOAT32, None)
-            } else if let (Some((x_scale, _)), Some((w_scales, _))) = (
-                input.per_tensor_params(),
-                weights.quant.as_ref().and_then(Quant::params),
-            ) {
+            } else if let (Some((x_scale, _)), Some((w_scales, _))) =
+                (input.per_tensor_params(), weights.quant.as_ref().and_then(Quant::params))
+            {
                 // TFLite's int32 bias scale: input scale x weight scale, per
                 // output channel when the weights are per channel.
                 let scales: Vec<f32> = w_scales.iter().map(|s| s * x_scale).collect();
@@ -1019,9 +1010,13 @@ impl<'a> Graph<'a> {
             };
             // float32 and int32 both take 4 bytes.
             let bytes = channels.checked_mul(4).ok_or_else(|| refused("bias too large"))?;
-            let names = names.get_or_insert_with(|| self.tensors.iter().map(|t| t.name.to_string()).collect());
+            let names =
+                names.get_or_insert_with(|| self.tensors.iter().map(|t| t.name.to_string()).collect());
             let out = self.ops[ix].outputs.first().copied().unwrap_or(usize::MAX);
-            let base = format!("{}/zero_bias", self.tensors.get(out).map(|t| t.name.to_string()).unwrap_or_default());
+            let base = format!(
+                "{}/zero_bias",
+                self.tensors.get(out).map(|t| t.name.to_string()).unwrap_or_default()
+            );
             let bias = self.add_tensor(names, &base, usize::MAX);
             let buffer = self.add_buffer(vec![0u8; bytes]);
             let tensor = &mut self.tensors[bias];
@@ -1055,11 +1050,16 @@ impl<'a> Graph<'a> {
                 ops.push(op);
                 continue;
             };
-            let names = names.get_or_insert_with(|| self.tensors.iter().map(|t| t.name.to_string()).collect());
+            let names =
+                names.get_or_insert_with(|| self.tensors.iter().map(|t| t.name.to_string()).collect());
             let (batch, inner) = (self.tensors[x].shape[0], self.tensors[x].shape[1]);
             let outer = self.tensors[w].shape[0];
             let base = self.tensors[y].name.to_string();
-            let reshaped = |g: &mut Graph<'a>, names: &mut HashSet<String>, like: usize, suffix: &str, shape: Vec<i32>| {
+            let reshaped = |g: &mut Graph<'a>,
+                            names: &mut HashSet<String>,
+                            like: usize,
+                            suffix: &str,
+                            shape: Vec<i32>| {
                 let t = g.add_tensor(names, &format!("{base}/{suffix}"), like);
                 let (dtype, quant) = (g.tensors[like].dtype, g.tensors[like].quant.clone());
                 let tensor = &mut g.tensors[t];
@@ -1069,15 +1069,16 @@ impl<'a> Graph<'a> {
                 tensor.quant = quant;
                 t
             };
-            let shape_const = |g: &mut Graph<'a>, names: &mut HashSet<String>, suffix: &str, shape: &[i32]| {
-                let t = g.add_tensor(names, &format!("{base}/{suffix}"), usize::MAX);
-                let buffer = g.add_buffer(shape.iter().flat_map(|d| d.to_le_bytes()).collect());
-                let tensor = &mut g.tensors[t];
-                tensor.shape = vec![shape.len() as i32];
-                tensor.dtype = TensorType::INT32;
-                tensor.buffer = buffer;
-                t
-            };
+            let shape_const =
+                |g: &mut Graph<'a>, names: &mut HashSet<String>, suffix: &str, shape: &[i32]| {
+                    let t = g.add_tensor(names, &format!("{base}/{suffix}"), usize::MAX);
+                    let buffer = g.add_buffer(shape.iter().flat_map(|d| d.to_le_bytes()).collect());
+                    let tensor = &mut g.tensors[t];
+                    tensor.shape = vec![shape.len() as i32];
+                    tensor.dtype = TensorType::INT32;
+                    tensor.buffer = buffer;
+                    t
+                };
             let x4_shape = vec![batch, 1, 1, inner];
             let y4_shape = vec![batch, 1, 1, outer];
             let y2_shape = vec![batch, outer];
@@ -1087,7 +1088,8 @@ impl<'a> Graph<'a> {
             self.tensors[w4].buffer = self.tensors[w].buffer;
             let y4 = reshaped(self, names, y, "output_nhwc", y4_shape);
             let y2_target = shape_const(self, names, "output_shape", &y2_shape);
-            let (reshape, conv) = (self.opcode_for(BuiltinOperator::RESHAPE), self.opcode_for(BuiltinOperator::CONV_2D));
+            let (reshape, conv) =
+                (self.opcode_for(BuiltinOperator::RESHAPE), self.opcode_for(BuiltinOperator::CONV_2D));
             let made = |opcode, inputs: &[usize], output, options| Operator {
                 opcode,
                 inputs: inputs.iter().map(|t| Some(*t)).collect(),
@@ -1103,9 +1105,8 @@ impl<'a> Graph<'a> {
         }
         self.ops = ops;
         if count > 0 {
-            self.changes.push(format!(
-                "rewrote {count} per-channel quantized FULLY_CONNECTED as 1x1 CONV_2D"
-            ));
+            self.changes
+                .push(format!("rewrote {count} per-channel quantized FULLY_CONNECTED as 1x1 CONV_2D"));
         }
     }
 
@@ -1131,11 +1132,20 @@ impl<'a> Graph<'a> {
         let [y] = op.outputs[..] else { return None };
         let (xt, wt, yt) = (&self.tensors[x], &self.tensors[w], &self.tensors[y]);
         let per_channel = wt.quant.as_ref().and_then(Quant::params).is_some_and(|(s, _)| s.len() > 1);
-        let quantized = [xt, wt, yt].iter().all(|t| t.is_quantized() && matches!(t.dtype, TensorType::INT8 | TensorType::UINT8));
+        let quantized = [xt, wt, yt]
+            .iter()
+            .all(|t| t.is_quantized() && matches!(t.dtype, TensorType::INT8 | TensorType::UINT8));
         let ranks = xt.shape.len() == 2 && wt.shape.len() == 2 && yt.shape.len() == 2;
-        let dims = ranks && xt.shape[1] == wt.shape[1] && yt.shape[1] == wt.shape[0] && xt.shape[0] == yt.shape[0];
+        let dims =
+            ranks && xt.shape[1] == wt.shape[1] && yt.shape[1] == wt.shape[0] && xt.shape[0] == yt.shape[0];
         let weights_axis_0 = wt.quant.as_ref().is_some_and(|q| q.quantized_dimension == 0);
-        (per_channel && quantized && dims && weights_axis_0).then_some((x, w, b, y, options.fused_activation_function()))
+        (per_channel && quantized && dims && weights_axis_0).then_some((
+            x,
+            w,
+            b,
+            y,
+            options.fused_activation_function(),
+        ))
     }
 
     /// tract-tflite casts reduction axes to `usize` as they are: TFLite's
@@ -1194,7 +1204,8 @@ impl<'a> Graph<'a> {
             count += 1;
         }
         if count > 0 {
-            self.changes.push(format!("counted the negative reduction axes of {count} operator(s) from the start"));
+            self.changes
+                .push(format!("counted the negative reduction axes of {count} operator(s) from the start"));
         }
         Ok(())
     }
@@ -1206,7 +1217,8 @@ impl<'a> Graph<'a> {
             let code = self.code(op);
             let opcode = self.opcodes.get(op.opcode);
             let name = opcode.map(OpCode::name).unwrap_or_else(|| op_name(code));
-            let unsupported = |what: String| LoadError::UnsupportedOperator { op: what, node: self.node_label(op) };
+            let unsupported =
+                |what: String| LoadError::UnsupportedOperator { op: what, node: self.node_label(op) };
             if !TRACT_BUILTINS.contains(&code) {
                 let hint = match code {
                     BuiltinOperator::QUANTIZE => {
@@ -1255,10 +1267,10 @@ impl<'a> Graph<'a> {
                 | BuiltinOperator::SUM
                 | BuiltinOperator::REDUCE_MAX
                 | BuiltinOperator::REDUCE_MIN
-                | BuiltinOperator::REDUCE_PROD => {
-                    if !input(1).is_some_and(|t| self.constant_data(t).is_some()) {
-                        return Err(unsupported(format!("{name} over axes computed at run time")));
-                    }
+                | BuiltinOperator::REDUCE_PROD
+                    if input(1).is_none_or(|t| self.constant_data(t).is_none()) =>
+                {
+                    return Err(unsupported(format!("{name} over axes computed at run time")));
                 }
                 BuiltinOperator::CONV_2D
                 | BuiltinOperator::DEPTHWISE_CONV_2D
@@ -1269,19 +1281,35 @@ impl<'a> Graph<'a> {
                     let geometry = options.and_then(|o| {
                         o.builtin_options_as_conv_2_doptions()
                             .map(|c| {
-                                (c.padding(), [c.stride_h(), c.stride_w(), c.dilation_h_factor(), c.dilation_w_factor()])
+                                (
+                                    c.padding(),
+                                    [
+                                        c.stride_h(),
+                                        c.stride_w(),
+                                        c.dilation_h_factor(),
+                                        c.dilation_w_factor(),
+                                    ],
+                                )
                             })
                             .or_else(|| {
                                 o.builtin_options_as_depthwise_conv_2_doptions().map(|c| {
                                     (
                                         c.padding(),
-                                        [c.stride_h(), c.stride_w(), c.dilation_h_factor(), c.dilation_w_factor()],
+                                        [
+                                            c.stride_h(),
+                                            c.stride_w(),
+                                            c.dilation_h_factor(),
+                                            c.dilation_w_factor(),
+                                        ],
                                     )
                                 })
                             })
                             .or_else(|| {
                                 o.builtin_options_as_pool_2_doptions().map(|p| {
-                                    (p.padding(), [p.stride_h(), p.stride_w(), p.filter_height(), p.filter_width()])
+                                    (
+                                        p.padding(),
+                                        [p.stride_h(), p.stride_w(), p.filter_height(), p.filter_width()],
+                                    )
                                 })
                             })
                     });
@@ -1295,28 +1323,32 @@ impl<'a> Graph<'a> {
                         return Err(unsupported(format!("{name} with a stride, dilation or window below 1")));
                     }
                     let rank = |t: Option<usize>| t.map(|t| self.tensors[t].shape.len());
-                    let is_conv = matches!(code, BuiltinOperator::CONV_2D | BuiltinOperator::DEPTHWISE_CONV_2D);
+                    let is_conv =
+                        matches!(code, BuiltinOperator::CONV_2D | BuiltinOperator::DEPTHWISE_CONV_2D);
                     if rank(input(0)) != Some(4) || is_conv && rank(input(1)) != Some(4) {
                         return Err(unsupported(format!("{name} on tensors that are not 4-D (NHWC / OHWI)")));
                     }
                 }
-                BuiltinOperator::SOFTMAX => {
-                    if input(0).is_none_or(|t| self.tensors[t].shape.is_empty()) {
-                        return Err(unsupported(format!("{name} on a scalar")));
-                    }
+                BuiltinOperator::SOFTMAX if input(0).is_none_or(|t| self.tensors[t].shape.is_empty()) => {
+                    return Err(unsupported(format!("{name} on a scalar")));
                 }
                 BuiltinOperator::CONCATENATION => {
                     let rank = input(0).map(|t| self.tensors[t].shape.len() as i32).unwrap_or(0);
-                    let axis = options.and_then(|o| o.builtin_options_as_concatenation_options()).map(|c| c.axis());
+                    let axis =
+                        options.and_then(|o| o.builtin_options_as_concatenation_options()).map(|c| c.axis());
                     if !axis.is_some_and(|a| (-rank..rank).contains(&a)) {
-                        return Err(unsupported(format!("{name} along axis {axis:?} of a rank-{rank} tensor")));
+                        return Err(unsupported(format!(
+                            "{name} along axis {axis:?} of a rank-{rank} tensor"
+                        )));
                     }
                 }
                 _ => {}
             }
             if matches!(
                 code,
-                BuiltinOperator::CONV_2D | BuiltinOperator::DEPTHWISE_CONV_2D | BuiltinOperator::FULLY_CONNECTED
+                BuiltinOperator::CONV_2D
+                    | BuiltinOperator::DEPTHWISE_CONV_2D
+                    | BuiltinOperator::FULLY_CONNECTED
             ) {
                 // Quantized linear ops: tract unwraps the parameters of the
                 // input and of the weights.
@@ -1324,7 +1356,9 @@ impl<'a> Graph<'a> {
                 let operands_quantized =
                     [input(0), input(1)].iter().all(|t| t.is_some_and(|t| self.tensors[t].is_quantized()));
                 if out_quantized && !operands_quantized {
-                    return Err(unsupported(format!("{name} with a quantized output and unquantized operands")));
+                    return Err(unsupported(format!(
+                        "{name} with a quantized output and unquantized operands"
+                    )));
                 }
             }
         }
@@ -1487,12 +1521,12 @@ impl<'a> Graph<'a> {
             let outputs = fbb.create_vector(&outputs);
             let none = fb::ActivationFunctionType::NONE;
             let (options_type, options) = match (&op.options, op.source) {
-                (Options::Source, Some(src)) => copy_options(&mut fbb, &src).map_err(|what| {
-                    LoadError::UnsupportedOperator {
+                (Options::Source, Some(src)) => {
+                    copy_options(&mut fbb, &src).map_err(|what| LoadError::UnsupportedOperator {
                         op: format!("{} with {what}", self.code_name(op)),
                         node: self.node_label(op),
-                    }
-                })?,
+                    })?
+                }
                 (Options::Source, None) => (BuiltinOptions::NONE, None),
                 (Options::Add, _) => (
                     BuiltinOptions::AddOptions,
@@ -1507,8 +1541,11 @@ impl<'a> Graph<'a> {
                 (Options::Mul, _) => (
                     BuiltinOptions::MulOptions,
                     Some(
-                        fb::MulOptions::create(&mut fbb, &fb::MulOptionsArgs { fused_activation_function: none })
-                            .as_union_value(),
+                        fb::MulOptions::create(
+                            &mut fbb,
+                            &fb::MulOptionsArgs { fused_activation_function: none },
+                        )
+                        .as_union_value(),
                     ),
                 ),
                 (Options::MaximumMinimum, _) => (
@@ -1638,7 +1675,12 @@ fn dequantize_constant(t: &Tensor, data: &[u8]) -> Result<Vec<f32>, String> {
         other => return Err(format!("element type {} cannot be dequantized", type_name(other))),
     };
     if Some(data.len()) != n.checked_mul(width) {
-        return Err(format!("{} bytes of data for shape {:?} of {}", data.len(), t.shape, type_name(t.dtype)));
+        return Err(format!(
+            "{} bytes of data for shape {:?} of {}",
+            data.len(),
+            t.shape,
+            type_name(t.dtype)
+        ));
     }
     if t.dtype == TensorType::FLOAT16 {
         return Ok(data
@@ -1647,10 +1689,8 @@ fn dequantize_constant(t: &Tensor, data: &[u8]) -> Result<Vec<f32>, String> {
             .collect());
     }
     let quant = t.quant.as_ref().ok_or("no quantization parameters")?;
-    let (scale, zp) = quant
-        .params()
-        .filter(|(s, z)| !s.is_empty() && !z.is_empty())
-        .ok_or("no scale and zero point")?;
+    let (scale, zp) =
+        quant.params().filter(|(s, z)| !s.is_empty() && !z.is_empty()).ok_or("no scale and zero point")?;
     // Per-axis: element i belongs to channel (i / stride) % channels, where
     // stride is the product of the dimensions after the quantized one.
     let (channels, stride) = if scale.len() > 1 {
@@ -1671,7 +1711,9 @@ fn dequantize_constant(t: &Tensor, data: &[u8]) -> Result<Vec<f32>, String> {
     let raw: Vec<i64> = match t.dtype {
         TensorType::INT8 => data.iter().map(|b| i64::from(*b as i8)).collect(),
         TensorType::UINT8 => data.iter().map(|b| i64::from(*b)).collect(),
-        TensorType::INT16 => data.chunks_exact(2).map(|c| i64::from(i16::from_le_bytes([c[0], c[1]]))).collect(),
+        TensorType::INT16 => {
+            data.chunks_exact(2).map(|c| i64::from(i16::from_le_bytes([c[0], c[1]]))).collect()
+        }
         _ => data.chunks_exact(4).map(|c| i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect(),
     };
     Ok(raw
@@ -1788,18 +1830,17 @@ fn copy_options<'fb>(
             vector_table!(builtin_options_as_reshape_options, ReshapeOptions, ReshapeOptionsArgs, new_shape)
         }
         BuiltinOptions::SqueezeOptions => {
-            vector_table!(builtin_options_as_squeeze_options, SqueezeOptions, SqueezeOptionsArgs, squeeze_dims)
+            vector_table!(
+                builtin_options_as_squeeze_options,
+                SqueezeOptions,
+                SqueezeOptionsArgs,
+                squeeze_dims
+            )
         }
         BuiltinOptions::StridedSliceOptions => table!(
             builtin_options_as_strided_slice_options,
             StridedSliceOptions,
-            StridedSliceOptionsArgs {
-                begin_mask,
-                end_mask,
-                ellipsis_mask,
-                new_axis_mask,
-                shrink_axis_mask
-            }
+            StridedSliceOptionsArgs { begin_mask, end_mask, ellipsis_mask, new_axis_mask, shrink_axis_mask }
         ),
         BuiltinOptions::ReducerOptions => {
             table!(builtin_options_as_reducer_options, ReducerOptions, ReducerOptionsArgs { keep_dims })
@@ -1836,7 +1877,9 @@ fn copy_options<'fb>(
         BuiltinOptions::PadV2Options => {
             table!(builtin_options_as_pad_v2_options, PadV2Options, PadV2OptionsArgs {})
         }
-        BuiltinOptions::SliceOptions => table!(builtin_options_as_slice_options, SliceOptions, SliceOptionsArgs {}),
+        BuiltinOptions::SliceOptions => {
+            table!(builtin_options_as_slice_options, SliceOptions, SliceOptionsArgs {})
+        }
         BuiltinOptions::BroadcastToOptions => {
             table!(builtin_options_as_broadcast_to_options, BroadcastToOptions, BroadcastToOptionsArgs {})
         }
@@ -1845,11 +1888,15 @@ fn copy_options<'fb>(
             MaximumMinimumOptions,
             MaximumMinimumOptionsArgs {}
         ),
-        BuiltinOptions::EqualOptions => table!(builtin_options_as_equal_options, EqualOptions, EqualOptionsArgs {}),
+        BuiltinOptions::EqualOptions => {
+            table!(builtin_options_as_equal_options, EqualOptions, EqualOptionsArgs {})
+        }
         BuiltinOptions::NotEqualOptions => {
             table!(builtin_options_as_not_equal_options, NotEqualOptions, NotEqualOptionsArgs {})
         }
-        BuiltinOptions::LessOptions => table!(builtin_options_as_less_options, LessOptions, LessOptionsArgs {}),
+        BuiltinOptions::LessOptions => {
+            table!(builtin_options_as_less_options, LessOptions, LessOptionsArgs {})
+        }
         BuiltinOptions::LessEqualOptions => {
             table!(builtin_options_as_less_equal_options, LessEqualOptions, LessEqualOptionsArgs {})
         }
@@ -2026,23 +2073,128 @@ mod tests {
         let new_shape = fbb.create_vector(&[-1i32, 4]);
         let squeeze_dims = fbb.create_vector(&[0i32, 2]);
         let options = vec![
-            (BuiltinOperator::CONV_2D, opt!(Conv2DOptions, Conv2DOptionsArgs { padding: fb::Padding::VALID, stride_w: 2, stride_h: 3, fused_activation_function: Act::RELU6, dilation_w_factor: 4, dilation_h_factor: 5 })),
-            (BuiltinOperator::DEPTHWISE_CONV_2D, opt!(DepthwiseConv2DOptions, DepthwiseConv2DOptionsArgs { padding: fb::Padding::VALID, stride_w: 2, stride_h: 3, depth_multiplier: 4, fused_activation_function: Act::RELU, dilation_w_factor: 5, dilation_h_factor: 6 })),
-            (BuiltinOperator::MAX_POOL_2D, opt!(Pool2DOptions, Pool2DOptionsArgs { padding: fb::Padding::VALID, stride_w: 2, stride_h: 3, filter_width: 4, filter_height: 5, fused_activation_function: Act::RELU })),
-            (BuiltinOperator::FULLY_CONNECTED, opt!(FullyConnectedOptions, FullyConnectedOptionsArgs { fused_activation_function: Act::RELU, weights_format: fb::FullyConnectedOptionsWeightsFormat::SHUFFLED4x16INT8, keep_num_dims: true, asymmetric_quantize_inputs: true })),
+            (
+                BuiltinOperator::CONV_2D,
+                opt!(
+                    Conv2DOptions,
+                    Conv2DOptionsArgs {
+                        padding: fb::Padding::VALID,
+                        stride_w: 2,
+                        stride_h: 3,
+                        fused_activation_function: Act::RELU6,
+                        dilation_w_factor: 4,
+                        dilation_h_factor: 5
+                    }
+                ),
+            ),
+            (
+                BuiltinOperator::DEPTHWISE_CONV_2D,
+                opt!(
+                    DepthwiseConv2DOptions,
+                    DepthwiseConv2DOptionsArgs {
+                        padding: fb::Padding::VALID,
+                        stride_w: 2,
+                        stride_h: 3,
+                        depth_multiplier: 4,
+                        fused_activation_function: Act::RELU,
+                        dilation_w_factor: 5,
+                        dilation_h_factor: 6
+                    }
+                ),
+            ),
+            (
+                BuiltinOperator::MAX_POOL_2D,
+                opt!(
+                    Pool2DOptions,
+                    Pool2DOptionsArgs {
+                        padding: fb::Padding::VALID,
+                        stride_w: 2,
+                        stride_h: 3,
+                        filter_width: 4,
+                        filter_height: 5,
+                        fused_activation_function: Act::RELU
+                    }
+                ),
+            ),
+            (
+                BuiltinOperator::FULLY_CONNECTED,
+                opt!(
+                    FullyConnectedOptions,
+                    FullyConnectedOptionsArgs {
+                        fused_activation_function: Act::RELU,
+                        weights_format: fb::FullyConnectedOptionsWeightsFormat::SHUFFLED4x16INT8,
+                        keep_num_dims: true,
+                        asymmetric_quantize_inputs: true
+                    }
+                ),
+            ),
             (BuiltinOperator::SOFTMAX, opt!(SoftmaxOptions, SoftmaxOptionsArgs { beta: 0.5 })),
-            (BuiltinOperator::CONCATENATION, opt!(ConcatenationOptions, ConcatenationOptionsArgs { axis: -1, fused_activation_function: Act::RELU })),
-            (BuiltinOperator::ADD, opt!(AddOptions, AddOptionsArgs { fused_activation_function: Act::RELU6, pot_scale_int16: true })),
-            (BuiltinOperator::SUB, opt!(SubOptions, SubOptionsArgs { fused_activation_function: Act::RELU, pot_scale_int16: true })),
+            (
+                BuiltinOperator::CONCATENATION,
+                opt!(
+                    ConcatenationOptions,
+                    ConcatenationOptionsArgs { axis: -1, fused_activation_function: Act::RELU }
+                ),
+            ),
+            (
+                BuiltinOperator::ADD,
+                opt!(
+                    AddOptions,
+                    AddOptionsArgs { fused_activation_function: Act::RELU6, pot_scale_int16: true }
+                ),
+            ),
+            (
+                BuiltinOperator::SUB,
+                opt!(
+                    SubOptions,
+                    SubOptionsArgs { fused_activation_function: Act::RELU, pot_scale_int16: true }
+                ),
+            ),
             (BuiltinOperator::MUL, opt!(MulOptions, MulOptionsArgs { fused_activation_function: Act::RELU })),
             (BuiltinOperator::DIV, opt!(DivOptions, DivOptionsArgs { fused_activation_function: Act::RELU })),
-            (BuiltinOperator::RESHAPE, opt!(ReshapeOptions, ReshapeOptionsArgs { new_shape: Some(new_shape) })),
-            (BuiltinOperator::SQUEEZE, opt!(SqueezeOptions, SqueezeOptionsArgs { squeeze_dims: Some(squeeze_dims) })),
-            (BuiltinOperator::STRIDED_SLICE, opt!(StridedSliceOptions, StridedSliceOptionsArgs { begin_mask: 1, end_mask: 2, ellipsis_mask: 4, new_axis_mask: 8, shrink_axis_mask: 16 })),
+            (
+                BuiltinOperator::RESHAPE,
+                opt!(ReshapeOptions, ReshapeOptionsArgs { new_shape: Some(new_shape) }),
+            ),
+            (
+                BuiltinOperator::SQUEEZE,
+                opt!(SqueezeOptions, SqueezeOptionsArgs { squeeze_dims: Some(squeeze_dims) }),
+            ),
+            (
+                BuiltinOperator::STRIDED_SLICE,
+                opt!(
+                    StridedSliceOptions,
+                    StridedSliceOptionsArgs {
+                        begin_mask: 1,
+                        end_mask: 2,
+                        ellipsis_mask: 4,
+                        new_axis_mask: 8,
+                        shrink_axis_mask: 16
+                    }
+                ),
+            ),
             (BuiltinOperator::MEAN, opt!(ReducerOptions, ReducerOptionsArgs { keep_dims: true })),
-            (BuiltinOperator::BATCH_MATMUL, opt!(BatchMatMulOptions, BatchMatMulOptionsArgs { adj_x: true, adj_y: true, asymmetric_quantize_inputs: true })),
-            (BuiltinOperator::RESIZE_BILINEAR, opt!(ResizeBilinearOptions, ResizeBilinearOptionsArgs { align_corners: true, half_pixel_centers: true })),
-            (BuiltinOperator::RESIZE_NEAREST_NEIGHBOR, opt!(ResizeNearestNeighborOptions, ResizeNearestNeighborOptionsArgs { align_corners: true, half_pixel_centers: true })),
+            (
+                BuiltinOperator::BATCH_MATMUL,
+                opt!(
+                    BatchMatMulOptions,
+                    BatchMatMulOptionsArgs { adj_x: true, adj_y: true, asymmetric_quantize_inputs: true }
+                ),
+            ),
+            (
+                BuiltinOperator::RESIZE_BILINEAR,
+                opt!(
+                    ResizeBilinearOptions,
+                    ResizeBilinearOptionsArgs { align_corners: true, half_pixel_centers: true }
+                ),
+            ),
+            (
+                BuiltinOperator::RESIZE_NEAREST_NEIGHBOR,
+                opt!(
+                    ResizeNearestNeighborOptions,
+                    ResizeNearestNeighborOptionsArgs { align_corners: true, half_pixel_centers: true }
+                ),
+            ),
             (BuiltinOperator::LEAKY_RELU, opt!(LeakyReluOptions, LeakyReluOptionsArgs { alpha: 0.125 })),
             (BuiltinOperator::SHAPE, opt!(ShapeOptions, ShapeOptionsArgs { out_type: TensorType::INT64 })),
             (BuiltinOperator::TRANSPOSE, opt!(TransposeOptions, TransposeOptionsArgs {})),
@@ -2058,27 +2210,90 @@ mod tests {
         for (ix, ty) in [TensorType::FLOAT32, TensorType::FLOAT16, TensorType::FLOAT32].iter().enumerate() {
             let name = fbb.create_string(&format!("t{ix}"));
             let shape = fbb.create_vector(&[1i32]);
-            tensors.push(fb::Tensor::create(&mut fbb, &fb::TensorArgs { shape: Some(shape), type_: *ty, buffer: u32::from(ix == 1), name: Some(name), ..Default::default() }));
+            tensors.push(fb::Tensor::create(
+                &mut fbb,
+                &fb::TensorArgs {
+                    shape: Some(shape),
+                    type_: *ty,
+                    buffer: u32::from(ix == 1),
+                    name: Some(name),
+                    ..Default::default()
+                },
+            ));
         }
-        let mut codes = vec![fb::OperatorCode::create(&mut fbb, &fb::OperatorCodeArgs { deprecated_builtin_code: BuiltinOperator::DEQUANTIZE.0 as i8, builtin_code: BuiltinOperator::DEQUANTIZE, ..Default::default() })];
+        let mut codes = vec![fb::OperatorCode::create(
+            &mut fbb,
+            &fb::OperatorCodeArgs {
+                deprecated_builtin_code: BuiltinOperator::DEQUANTIZE.0 as i8,
+                builtin_code: BuiltinOperator::DEQUANTIZE,
+                ..Default::default()
+            },
+        )];
         let (ins, outs) = (fbb.create_vector(&[1i32]), fbb.create_vector(&[2i32]));
-        let mut ops = vec![fb::Operator::create(&mut fbb, &fb::OperatorArgs { opcode_index: 0, inputs: Some(ins), outputs: Some(outs), ..Default::default() })];
+        let mut ops = vec![fb::Operator::create(
+            &mut fbb,
+            &fb::OperatorArgs {
+                opcode_index: 0,
+                inputs: Some(ins),
+                outputs: Some(outs),
+                ..Default::default()
+            },
+        )];
         for (code, (ty, table)) in &options {
             let ix = tensors.len() as i32;
             let name = fbb.create_string(&format!("out_{}", op_name(*code)));
             let shape = fbb.create_vector(&[1i32]);
-            tensors.push(fb::Tensor::create(&mut fbb, &fb::TensorArgs { shape: Some(shape), name: Some(name), ..Default::default() }));
-            codes.push(fb::OperatorCode::create(&mut fbb, &fb::OperatorCodeArgs { deprecated_builtin_code: code.0.min(127) as i8, builtin_code: *code, version: 1, ..Default::default() }));
+            tensors.push(fb::Tensor::create(
+                &mut fbb,
+                &fb::TensorArgs { shape: Some(shape), name: Some(name), ..Default::default() },
+            ));
+            codes.push(fb::OperatorCode::create(
+                &mut fbb,
+                &fb::OperatorCodeArgs {
+                    deprecated_builtin_code: code.0.min(127) as i8,
+                    builtin_code: *code,
+                    version: 1,
+                    ..Default::default()
+                },
+            ));
             let (ins, outs) = (fbb.create_vector(&[0i32, 2]), fbb.create_vector(&[ix]));
-            ops.push(fb::Operator::create(&mut fbb, &fb::OperatorArgs { opcode_index: codes.len() as u32 - 1, inputs: Some(ins), outputs: Some(outs), builtin_options_type: *ty, builtin_options: Some(*table), ..Default::default() }));
+            ops.push(fb::Operator::create(
+                &mut fbb,
+                &fb::OperatorArgs {
+                    opcode_index: codes.len() as u32 - 1,
+                    inputs: Some(ins),
+                    outputs: Some(outs),
+                    builtin_options_type: *ty,
+                    builtin_options: Some(*table),
+                    ..Default::default()
+                },
+            ));
         }
         let outputs: Vec<i32> = (3..tensors.len() as i32).collect();
         let (tensors, operators) = (fbb.create_vector(&tensors), fbb.create_vector(&ops));
         let (inputs, outputs) = (fbb.create_vector(&[0i32]), fbb.create_vector(&outputs));
-        let subgraph = fb::SubGraph::create(&mut fbb, &fb::SubGraphArgs { tensors: Some(tensors), inputs: Some(inputs), outputs: Some(outputs), operators: Some(operators), name: None });
+        let subgraph = fb::SubGraph::create(
+            &mut fbb,
+            &fb::SubGraphArgs {
+                tensors: Some(tensors),
+                inputs: Some(inputs),
+                outputs: Some(outputs),
+                operators: Some(operators),
+                name: None,
+            },
+        );
         let (subgraphs, codes) = (fbb.create_vector(&[subgraph]), fbb.create_vector(&codes));
         let buffers = fbb.create_vector(&[sentinel, half_buffer]);
-        let model = fb::Model::create(&mut fbb, &fb::ModelArgs { version: 3, operator_codes: Some(codes), subgraphs: Some(subgraphs), buffers: Some(buffers), ..Default::default() });
+        let model = fb::Model::create(
+            &mut fbb,
+            &fb::ModelArgs {
+                version: 3,
+                operator_codes: Some(codes),
+                subgraphs: Some(subgraphs),
+                buffers: Some(buffers),
+                ..Default::default()
+            },
+        );
         fb::finish_model_buffer(&mut fbb, model);
         let source = fbb.finished_data().to_vec();
 
@@ -2095,9 +2310,11 @@ mod tests {
         for (ix, op) in after.iter().enumerate() {
             let original = before.get(ix + 1);
             assert_eq!(op.builtin_options_type(), original.builtin_options_type());
-            let show = |o: &fb::Operator| format!("{:?}", o).split("builtin_options:").nth(1).map(str::to_string);
+            let show =
+                |o: &fb::Operator| format!("{:?}", o).split("builtin_options:").nth(1).map(str::to_string);
             let (a, b) = (show(&op), show(&original));
-            let strip = |s: Option<String>| s.and_then(|s| s.split("custom_options").next().map(str::to_string));
+            let strip =
+                |s: Option<String>| s.and_then(|s| s.split("custom_options").next().map(str::to_string));
             let (a, b) = (strip(a), strip(b));
             assert!(a.as_deref().is_some_and(|a| a.contains("Options")), "{a:?}");
             assert_eq!(a, b, "options of {:?}", op.builtin_options_type());

@@ -475,10 +475,6 @@ pub(crate) fn finish(
 
 // --------------------------------------------------------------------- bodies
 
-/// Declared bodies up to this size are drained after a 413 so the connection
-/// can be reused; larger ones are abandoned. See [`answer_oversized`].
-const DRAIN_CEILING: usize = 64 * 1024 * 1024;
-
 /// Reads the body, refusing one over `limit` *before* reading it when its
 /// length is declared (and as soon as it passes the limit when chunked).
 fn read_body(rq: &mut Request, limit: usize) -> Result<Vec<u8>, ApiError> {
@@ -508,51 +504,36 @@ fn read_body(rq: &mut Request, limit: usize) -> Result<Vec<u8>, ApiError> {
 
 /// Answers 413 without reading the body, then disposes of the request.
 ///
-/// tiny_http 0.12 drains an unread body when the request is dropped, into a
-/// buffer of the *declared* size (tiny-http PR #290, unreleased): a client
-/// declaring a terabyte would make the process abort on allocation. So:
-/// - no declared length (chunked): nothing is drained; answer here;
-/// - declared up to [`DRAIN_CEILING`]: answer and drop on a short-lived
-///   thread of its own (at most [`MAX_DRAINING`] at once, else here), so a
-///   client that keeps sending after the 413 ties up neither a worker nor
-///   other clients' answers; the socket timeout bounds one that stalls;
-/// - declared above it: answer through `upgrade`, which hands over the
-///   connection, and leak that connection rather than drop it. It then costs
-///   one parked tiny_http thread and two descriptors until the process ends,
-///   against an abort. Counted in `outpost_http_oversized_connections_abandoned_total`.
+/// Dropping a tiny_http request drains the unread rest of its declared body
+/// (so the connection can carry the next request); the vendored tiny_http
+/// does that through a fixed buffer (vendor/tiny_http/PATCHES.md). The drain
+/// lasts as long as the client keeps sending, so it runs on a short-lived
+/// thread of its own (at most [`MAX_DRAINING`] at once, else here): a client
+/// that keeps sending after its 413 ties up neither a worker nor other
+/// clients' answers. A chunked body (no declared length) is not drained.
 fn answer_oversized(shared: &Shared, reply: Reply, e: ApiError) {
     let answer = Answer::error(&e, reply.v2);
     let Reply { request, endpoint, started, .. } = reply;
     shared.metrics.record_request(endpoint, 413, started.elapsed());
-    match request.body_length() {
-        Some(n) if n > DRAIN_CEILING => {
-            let stream = request.upgrade("close", build_response(answer));
-            std::mem::forget(stream);
-            shared.metrics.record_abandoned();
-            log::warn!("abandoned a connection that declared a {n}-byte body");
+    let response = build_response(answer);
+    if request.body_length().is_some() && shared.draining.fetch_add(1, Ordering::AcqRel) < MAX_DRAINING {
+        let slot = DrainSlot(shared.draining.clone());
+        let spawned = std::thread::Builder::new().name("outpost-drain".into()).spawn(move || {
+            let _slot = slot;
+            let _ = request.respond(response);
+        });
+        if let Err(e) = spawned {
+            // The closure (and the request in it) was dropped with the failed
+            // spawn; tiny_http answers a dropped request itself.
+            log::warn!("cannot start a drain thread: {e}");
         }
-        Some(_) if shared.draining.fetch_add(1, Ordering::AcqRel) < MAX_DRAINING => {
-            let response = build_response(answer);
-            let shared_count = DrainSlot(shared.draining.clone());
-            let spawned = std::thread::Builder::new().name("outpost-drain".into()).spawn(move || {
-                let _slot = shared_count;
-                let _ = request.respond(response);
-            });
-            if let Err(e) = spawned {
-                // The closure (and the request in it) was dropped with the
-                // failed spawn, which answered it 500; nothing else to do.
-                log::warn!("cannot start a drain thread: {e}");
-            }
-        }
-        _ => {
-            // Over the concurrent-drain limit (undo the count taken above)
-            // or chunked: answer here.
-            if request.body_length().is_some() {
-                shared.draining.fetch_sub(1, Ordering::AcqRel);
-            }
-            let _ = request.respond(build_response(answer));
-        }
+        return;
     }
+    if request.body_length().is_some() {
+        // Over the concurrent-drain limit: undo the count taken above.
+        shared.draining.fetch_sub(1, Ordering::AcqRel);
+    }
+    let _ = request.respond(response);
 }
 
 /// Most requests drained at once on their own threads after a 413.

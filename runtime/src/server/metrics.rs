@@ -63,7 +63,6 @@ pub(crate) struct Metrics {
     request_duration: HistogramFamily,
     in_flight: Gauge,
     shed: Counter,
-    oversized_abandoned: Counter,
     inference_duration: Histogram,
     batch_rows: Histogram,
     batch_requests: Histogram,
@@ -199,12 +198,6 @@ impl Metrics {
             "Requests answered 503 at once because the queue was full",
             shed.clone(),
         );
-        let oversized_abandoned = Counter::default();
-        registry.register(
-            "outpost_http_oversized_connections_abandoned",
-            "Connections whose declared body was too large to drain safely; answered 413 and left to the client to close",
-            oversized_abandoned.clone(),
-        );
         let inference_duration = Histogram::new(exponential_buckets(0.000_01, 2.0, 20));
         registry.register_with_unit(
             "outpost_inference_duration",
@@ -227,7 +220,6 @@ impl Metrics {
             request_duration,
             in_flight,
             shed,
-            oversized_abandoned,
             inference_duration,
             batch_rows,
             batch_requests,
@@ -247,10 +239,6 @@ impl Metrics {
 
     pub fn record_shed(&self) {
         self.shed.inc();
-    }
-
-    pub fn record_abandoned(&self) {
-        self.oversized_abandoned.inc();
     }
 
     pub fn in_flight(&self) -> &Gauge {

@@ -42,6 +42,7 @@ pub mod batching;
 pub mod config;
 pub mod error;
 pub mod handler;
+pub mod memory;
 pub mod metrics;
 mod queue;
 pub mod request;

@@ -143,6 +143,63 @@ pub fn publish_reply(client: &Client, reply: OutMessage, qos: QoS) -> Result<(),
     client.publish_with_properties(reply.topic, qos, false, reply.payload, properties)
 }
 
+/// The `--mqtt …` flags of a command that serves a model (`serve`), ready to
+/// flatten into its arguments with `#[command(flatten)]`; [`MqttArgs::start`]
+/// turns them into a running stream on the command's model slot.
+#[derive(Clone, Debug, clap::Args)]
+pub struct MqttArgs {
+    /// Also predict over MQTT: broker URL, mqtt://[user:password@]host[:port]
+    /// or mqtts://… (off without it).
+    #[arg(long, value_name = "URL", env = "OUTPOST_MQTT")]
+    pub mqtt: Option<String>,
+    /// Topic filter to predict on, e.g. sensors/+/reading (repeat for several).
+    #[arg(long = "mqtt-in", value_name = "FILTER", requires = "mqtt")]
+    pub mqtt_in: Vec<String>,
+    /// Reply topic when a message names no MQTT 5 response topic; {topic}
+    /// stands for the input topic.
+    #[arg(long = "mqtt-out", value_name = "TOPIC", default_value = "{topic}/prediction")]
+    pub mqtt_out: String,
+    /// QoS of the subscriptions and the replies.
+    #[arg(long = "mqtt-qos", default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub mqtt_qos: u8,
+    /// Messages waiting for inference before new ones are dropped (and counted).
+    #[arg(long = "mqtt-queue", default_value_t = 64)]
+    pub mqtt_queue: usize,
+    /// Inference threads for MQTT messages.
+    #[arg(long = "mqtt-workers", default_value_t = 1)]
+    pub mqtt_workers: usize,
+    /// Largest message in bytes; larger ones get a payload_too_large reply.
+    #[arg(long = "mqtt-max-payload", default_value_t = 1024 * 1024)]
+    pub mqtt_max_payload: usize,
+    /// MQTT client id (default: outpost-runtime-<pid>-<nanos>).
+    #[arg(long = "mqtt-client-id")]
+    pub mqtt_client_id: Option<String>,
+}
+
+impl MqttArgs {
+    /// The stream the flags ask for on `slot` (the model the HTTP server
+    /// serves, so a swap reaches both), or `None` without `--mqtt`.
+    pub fn start(&self, slot: Arc<ModelSlot>) -> Result<Option<MqttStream>, StreamError> {
+        let Some(url) = &self.mqtt else { return Ok(None) };
+        if self.mqtt_in.is_empty() {
+            return Err(StreamError::Config("--mqtt needs at least one --mqtt-in topic filter".into()));
+        }
+        let mqtt = MqttConfig {
+            client_id: self.mqtt_client_id.clone(),
+            qos: self.mqtt_qos,
+            ..MqttConfig::new(url.clone(), self.mqtt_in.clone())
+        };
+        let stream = StreamConfig {
+            workers: self.mqtt_workers,
+            queue_capacity: self.mqtt_queue,
+            max_payload_bytes: self.mqtt_max_payload,
+            output: self.mqtt_out.parse()?,
+            ..StreamConfig::default()
+        };
+        MqttStream::start(mqtt, slot, stream).map(Some)
+    }
+}
+
 /// Connection state the event loop reports, for readiness and tests.
 #[derive(Default)]
 struct Link {
@@ -392,6 +449,25 @@ fn publish_loop(replies: Receiver<OutMessage>, client: Client, qos: QoS, stats: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flags() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cmd {
+            #[command(flatten)]
+            mqtt: MqttArgs,
+        }
+        let c = Cmd::try_parse_from(["x", "--mqtt", "mqtt://h", "--mqtt-in", "a/+", "--mqtt-in", "b/#"]).unwrap();
+        assert_eq!(c.mqtt.mqtt_in, vec!["a/+", "b/#"]);
+        assert_eq!(c.mqtt.mqtt_out, "{topic}/prediction");
+        assert!(Cmd::try_parse_from(["x", "--mqtt-in", "a"]).is_err(), "--mqtt-in needs --mqtt");
+        assert!(Cmd::try_parse_from(["x", "--mqtt", "h", "--mqtt-qos", "3"]).is_err());
+        let none = Cmd::try_parse_from(["x"]).unwrap();
+        assert!(none.mqtt.start(Arc::new(ModelSlot::empty())).unwrap().is_none());
+        let c = Cmd::try_parse_from(["x", "--mqtt", "mqtt://h"]).unwrap();
+        assert!(c.mqtt.start(Arc::new(ModelSlot::empty())).is_err(), "no input topic");
+    }
 
     #[test]
     fn broker_urls() {

@@ -106,6 +106,8 @@ pub enum Seen {
 /// An MQTT 5 client whose incoming publishes arrive on a channel.
 pub struct TestClient {
     pub client: Client,
+    /// QoS of what it publishes and subscribes to (default 1).
+    pub qos: QoS,
     seen: Receiver<Seen>,
 }
 
@@ -132,11 +134,11 @@ impl TestClient {
                 }
             }
         });
-        TestClient { client, seen }
+        TestClient { client, qos: QoS::AtLeastOnce, seen }
     }
 
     pub fn subscribe(&self, filter: &str) {
-        self.client.subscribe_many([Filter::new(filter, QoS::AtLeastOnce)]).unwrap();
+        self.client.subscribe_many([Filter::new(filter, self.qos)]).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match self.seen.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
@@ -154,7 +156,7 @@ impl TestClient {
             ..PublishProperties::default()
         };
         let payload: Vec<u8> = payload.into();
-        self.client.publish_with_properties(topic, QoS::AtLeastOnce, false, payload, properties).unwrap();
+        self.client.publish_with_properties(topic, self.qos, false, payload, properties).unwrap();
     }
 
     /// The next publish, or `None` after `timeout`.
