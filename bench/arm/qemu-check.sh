@@ -66,7 +66,10 @@ fi
 # --- 2. serve and predict over HTTP.
 if [ "$serve" -eq 1 ]; then
   start=$SECONDS
-  cargo build --profile "$profile" --target "$target" -p outpost-runtime --bin outpost-runtime
+  # Built the way the parity step built it: cargo builds a package's binaries
+  # for its integration tests, and a plain `cargo build` would resolve
+  # features without the dev-dependencies and recompile tract (minutes).
+  cargo test --profile "$profile" --target "$target" -p outpost-runtime --test model_fixtures --no-run
   echo "qemu-check: server build ($profile) took $((SECONDS - start)) s" >&2
   bin="${CARGO_TARGET_DIR:-target}/$target/$dir/outpost-runtime"
   model=fixtures/bc_mlp.onnx
