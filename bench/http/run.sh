@@ -17,9 +17,14 @@
 #                    bench/seed_server/requirements.txt pins them)
 #   DURATION         wrk duration per measurement (default 10s)
 #   MODELS           fixtures to serve (default "bc_mlp.onnx bc_mlp_int8.onnx")
-#   BATCH_WINDOW_US  dynamic batching window for the "batching on" run (default 500)
+#   BATCH_WINDOW_US  dynamic batching window for the "batching on" run (default 500;
+#                    the server then defaults to one more worker than cores)
 #   OUTPOST_BIN      server binary (default target/release/outpost-runtime,
 #                    built with `cargo build --release -p outpost-runtime`)
+#   OUTPOST_DEVICE_BIN  the same server built with the `device` profile (what is
+#                    flashed: opt-level z, LTO); measured too when it exists
+#                    (default target/device/outpost-runtime; build it with
+#                    `cargo build --profile device -p outpost-runtime`)
 #   SKIP_BUILD=1     do not build
 #   OUT              where the markdown table goes too (default bench/http/results.md)
 set -euo pipefail
@@ -31,6 +36,7 @@ DURATION=${DURATION:-10s}
 MODELS=${MODELS:-"bc_mlp.onnx bc_mlp_int8.onnx"}
 BATCH_WINDOW_US=${BATCH_WINDOW_US:-500}
 OUTPOST_BIN=${OUTPOST_BIN:-$ROOT/target/release/outpost-runtime}
+OUTPOST_DEVICE_BIN=${OUTPOST_DEVICE_BIN:-$ROOT/target/device/outpost-runtime}
 OUT=${OUT:-$HERE/results.md}
 PORT=${PORT:-18181}
 
@@ -52,7 +58,7 @@ trap cleanup EXIT
 # readiness time is measured to well under a millisecond.
 ready_probe() {
   local fd line
-  exec {fd}<>"/dev/tcp/127.0.0.1/$PORT" 2>/dev/null || return 1
+  { exec {fd}<>"/dev/tcp/127.0.0.1/$PORT"; } 2>/dev/null || return 1
   printf 'GET /ready HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n' >&"$fd" || { exec {fd}>&-; return 1; }
   read -r -t 2 line <&"$fd" || line=""
   exec {fd}>&-
@@ -64,6 +70,10 @@ start_server() {
   local kind=$1 model=$2; shift 2
   local t0=$EPOCHREALTIME
   case $kind in
+    outpost-device)
+      "$OUTPOST_DEVICE_BIN" serve --model "$ROOT/fixtures/$model" --listen "127.0.0.1:$PORT" "$@" \
+        >"$HERE/.server.log" 2>&1 &
+      ;;
     outpost)
       "$OUTPOST_BIN" serve --model "$ROOT/fixtures/$model" --listen "127.0.0.1:$PORT" "$@" \
         >"$HERE/.server.log" 2>&1 &
@@ -125,15 +135,18 @@ row() { # server model conns label
   echo
   echo "$(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores ($(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)),"
   echo "wrk -t1, $DURATION per point, POST /predict with one breast-cancer test row; server and wrk share the machine."
-  echo "outpost-runtime: \`serve\` with default threads (= cores); seed: uvicorn, 1 worker, onnxruntime 1 thread."
+  echo "outpost: \`serve\` (release build) with default threads (= cores); outpost-device: the same built with the"
+  echo "\`device\` profile that is flashed (opt-level z, fat LTO); seed: uvicorn, 1 worker, onnxruntime 1 thread."
   echo
   echo "| server | model | conns | req/s | p50 µs | p99 µs | errors |"
   echo "|---|---|---|---|---|---|---|"
 } | tee "$OUT"
 
+KINDS="outpost seed"
+[[ -x $OUTPOST_DEVICE_BIN ]] && KINDS="outpost outpost-device seed"
 declare -A MEM
 for model in $MODELS; do
-  for kind in outpost seed; do
+  for kind in $KINDS; do
     start_server "$kind" "$model"
     ready=$READY_MS
     measure 1;  row "$kind" "$model" 1
@@ -151,7 +164,7 @@ done
   echo "| server | model | ready after start (ms) | VmRSS serving 32 conns (MiB) | VmHWM (MiB) |"
   echo "|---|---|---|---|---|"
   for model in $MODELS; do
-    for kind in outpost seed; do
+    for kind in $KINDS; do
       IFS='|' read -r ready rss hwm <<<"${MEM[$kind|$model]}"
       awk -v k="$kind" -v m="$model" -v r="$ready" -v s="$rss" -v h="$hwm" \
         'BEGIN { printf "| %s | %s | %s | %.1f | %.1f |\n", k, m, r, s / 1024, h / 1024 }'

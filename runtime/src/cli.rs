@@ -15,7 +15,8 @@ pub struct ServeArgs {
     /// Address to listen on (port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: String,
-    /// Worker threads that parse requests and run the model (default: number of cores).
+    /// Worker threads that take requests and run the model (default: number
+    /// of cores, plus one with dynamic batching on).
     #[arg(long)]
     pub threads: Option<usize>,
     /// Largest request body in bytes; larger ones are answered 413 unread.
@@ -67,8 +68,9 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         server.local_addr(),
         started.elapsed().as_secs_f64() * 1e3
     );
-    // Loading touched megabytes of code that serving never runs again.
-    match outpost_runtime::server::memory::release_startup_code() {
+    // Loading touched megabytes of code that serving never runs again, and
+    // left free pages in the heap.
+    match outpost_runtime::server::memory::release_startup_memory() {
         Ok(bytes) => log::debug!("released {} KiB of start-up code from resident memory", bytes / 1024),
         Err(e) => log::debug!("could not release start-up code: {e}"),
     }

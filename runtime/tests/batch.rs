@@ -14,11 +14,27 @@ fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("fixtures").join(name)
 }
 
-fn temp_dir(name: &str) -> PathBuf {
+/// A scratch directory, removed when the test ends.
+struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn temp_dir(name: &str) -> TempDir {
     let dir = std::env::temp_dir().join(format!("outpost-batch-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
+    TempDir(dir)
 }
 
 fn bc_mlp() -> Model {
@@ -441,4 +457,20 @@ fn a_signed_bundle_works_as_the_model() {
     let refused = run(Some(&other));
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("refused"), "{}", String::from_utf8_lossy(&refused.stderr));
+}
+
+#[test]
+fn a_first_line_mixing_text_and_numbers_is_a_bad_row_not_a_header() {
+    let dir = temp_dir("mixedfirst");
+    let (_, lines) = bc_lines();
+    let first = lines[0].replacen(|c: char| c.is_ascii_digit(), "x", 1);
+    let input = dir.join("in.csv");
+    std::fs::write(&input, format!("{first}\n{}\n{}\n", lines[1], lines[2])).unwrap();
+    let output = dir.join("out.csv");
+    let options = BatchOptions { label_column: true, ..options(InputFormat::Csv, OutputFormat::Csv) };
+    let summary = run_files(&bc_mlp(), &input, &output, None, &options).unwrap();
+    assert!(!summary.had_header);
+    assert_eq!((summary.rows_ok, summary.rows_bad), (2, 1));
+    let errors = std::fs::read_to_string(dir.join("out.csv.errors")).unwrap();
+    assert!(errors.lines().nth(1).unwrap().starts_with("1,\"column 1: "), "{errors}");
 }

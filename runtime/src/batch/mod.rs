@@ -49,9 +49,12 @@
 //! # Formats
 //!
 //! Input, by extension unless given ([`InputFormat`]):
-//! - **CSV**: comma-separated, optional header (the first non-blank line is
-//!   a header when one of its fields is not a number — the rule of
-//!   [`crate::dataset`]), fields may be double-quoted. With
+//! - **CSV**: comma-separated, optional header, fields may be
+//!   double-quoted. The first non-blank line is a header when none of its
+//!   fields is a number; a first line mixing numbers and text is a data row
+//!   with a bad field (reported in the errors file, where taking it for a
+//!   header would lose it silently — stricter than [`crate::dataset`], which
+//!   reads small reference files a person has looked at). With
 //!   [`BatchOptions::label_column`] the last column is the label.
 //! - **JSON Lines**: one `{"features": [...]}` object per line (optional
 //!   `"label"` and `"id"`; the id is echoed in JSON output), or a bare

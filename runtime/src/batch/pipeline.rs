@@ -109,9 +109,13 @@ where
         Some(Next::Line(span)) => {
             let line = &data[span.start..span.end];
             let mut fields = Vec::new();
+            // A header when none of its fields is a number. A line mixing
+            // numbers and text is a data row with a bad field: taking it for
+            // a header would lose it silently, refusing it reports it.
             let is_header = options.input_format == InputFormat::Csv
                 && split_csv(line, &mut fields).is_ok()
-                && fields.iter().any(|&(a, b)| !is_number_or_empty(&line[a..b]));
+                && fields.iter().any(|&(a, b)| a < b)
+                && fields.iter().all(|&(a, b)| a == b || !is_number_or_empty(&line[a..b]));
             if is_header {
                 header = Some(fields.iter().map(|&(a, b)| String::from_utf8_lossy(&line[a..b]).into_owned()).collect());
                 header_line = span.number;

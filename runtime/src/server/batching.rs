@@ -2,20 +2,25 @@
 //!
 //! A model with a free batch dimension runs N samples in one call for much
 //! less than N calls cost (one pass over the weights, one dispatch through
-//! the graph, wider matrix kernels). With `batch_window > 0`, workers hand
-//! each validated request to a queue of [`Job`]s, and batch runners merge
-//! them:
+//! the graph, wider matrix kernels). With `batch_window > 0`, a worker puts
+//! each validated request in a queue of [`Job`]s and then tries to take the
+//! *gatherer* role ([`drive`]); there are no threads of its own:
 //!
-//! 1. One runner at a time *gathers* (the others run what they gathered):
-//!    it takes the first job and keeps taking jobs until the batch holds
-//!    `max_batch` samples, or the window (counted from the first job's
-//!    arrival) ends, or **no other request is on its way** — no job queued
-//!    and no admitted request still being read or parsed. That last rule is
-//!    why a lone request never waits out the window: at low load, batching
-//!    costs nothing.
+//! 1. The gatherer (one worker at a time; the others go back to taking
+//!    requests) takes the first job and keeps taking jobs until the batch
+//!    holds `max_batch` samples, or the window (counted from the first job's
+//!    arrival) ends, or **no other request is on its way** — no job queued,
+//!    no admitted request still being read or parsed, and no other worker
+//!    busy (an idle worker would have taken any request that arrived, and
+//!    would be busy with it). That last rule is
+//!    why a lone request never waits out the window, and since the worker
+//!    that parsed it runs it, a lone request costs what it costs without
+//!    batching: at low load batching is free.
 //! 2. It concatenates the jobs' inputs along the batch dimension, runs the
 //!    model once, slices every output back into per-request rows and answers
-//!    each request as if it had run alone.
+//!    each request as if it had run alone. Then it looks at the queue again:
+//!    a job pushed by a worker that found the gatherer role taken while the
+//!    batch was closing is picked up here, so no job is left behind.
 //!
 //! Only jobs for the same deployed model (a swap in between starts a new
 //! batch) whose samples have the same shape are merged. If a merged run
@@ -51,46 +56,80 @@ impl Job {
     }
 }
 
-/// A batch runner: gathers, runs, answers, until the job queue closes.
-pub(crate) fn run(shared: &Shared) {
-    let window = shared.config.batch_window;
-    let max_rows = shared.config.max_batch;
-    // A job that could not join the previous batch starts the next one.
-    let mut carry: Option<Job> = None;
+/// Gathers and runs batches while jobs are queued and nobody else gathers;
+/// called by a worker right after it queued a job. See the module docs.
+pub(crate) fn drive(shared: &Shared) {
     loop {
         let batch = {
-            let _gathering = shared.gather.lock().unwrap_or_else(|p| p.into_inner());
-            let first = match carry.take() {
-                Some(job) => job,
-                None => match shared.jobs.pop() {
-                    Some(job) => job,
-                    None => return,
-                },
+            let _gathering = match shared.gather.try_lock() {
+                Ok(guard) => guard,
+                // A panic while gathering left no inconsistent state behind.
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                // Another worker gathers; it (or its re-check) takes our job.
+                Err(std::sync::TryLockError::WouldBlock) => return,
             };
-            let deadline = first.reply_started() + window;
-            let mut rows = first.rows;
-            let mut batch = vec![first];
-            while rows < max_rows {
-                let next = match shared.jobs.try_pop() {
-                    Some(job) => job,
-                    None if shared.pending.load(std::sync::atomic::Ordering::Acquire) == 0 => break,
-                    None => match shared.jobs.pop_or_wake(deadline) {
-                        Timed::Item(job) => job,
-                        Timed::Woken => continue,
-                        Timed::TimedOut | Timed::Closed => break,
-                    },
-                };
-                if batch[0].joins(&next) && rows + next.rows <= max_rows {
-                    rows += next.rows;
-                    batch.push(next);
-                } else {
-                    carry = Some(next);
-                    break;
-                }
+            match gather(shared) {
+                Some(batch) => batch,
+                None => return,
             }
-            batch
         };
         run_batch(shared, batch);
+    }
+}
+
+/// No other request can join soon: none admitted and still being parsed,
+/// and no other worker busy (an idle worker takes a request from tiny_http
+/// the moment it arrives, and is busy from then on).
+fn nobody_coming(shared: &Shared) -> bool {
+    use std::sync::atomic::Ordering::Acquire;
+    shared.pending.load(Acquire) == 0 && shared.busy.load(Acquire) <= 1
+}
+
+/// Takes jobs for one batch (none queued: `None`).
+fn gather(shared: &Shared) -> Option<Vec<Job>> {
+    let window = shared.config.batch_window;
+    let max_rows = shared.config.max_batch;
+    let first = shared.jobs.try_pop()?;
+    let deadline = first.reply_started() + window;
+    let mut rows = first.rows;
+    let mut batch = vec![first];
+    // Workers that finish something wake us to re-check `nobody_coming`.
+    let _waiting = Gathering::new(shared);
+    while rows < max_rows {
+        let next = match shared.jobs.try_pop() {
+            Some(job) => job,
+            None if nobody_coming(shared) => break,
+            None => match shared.jobs.pop_or_wake(deadline) {
+                Timed::Item(job) => job,
+                Timed::Woken => continue,
+                Timed::TimedOut | Timed::Closed => break,
+            },
+        };
+        if batch[0].joins(&next) && rows + next.rows <= max_rows {
+            rows += next.rows;
+            batch.push(next);
+        } else {
+            // It starts the next batch.
+            shared.jobs.push_front(next);
+            break;
+        }
+    }
+    Some(batch)
+}
+
+/// Marks that a gatherer waits, while it lives.
+struct Gathering<'a>(&'a Shared);
+
+impl<'a> Gathering<'a> {
+    fn new(shared: &'a Shared) -> Gathering<'a> {
+        shared.gathering.store(true, std::sync::atomic::Ordering::Release);
+        Gathering(shared)
+    }
+}
+
+impl Drop for Gathering<'_> {
+    fn drop(&mut self) {
+        self.0.gathering.store(false, std::sync::atomic::Ordering::Release);
     }
 }
 

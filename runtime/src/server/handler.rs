@@ -3,18 +3,27 @@
 //! Threads, and why:
 //!
 //! - tiny_http's own threads accept connections and read each request's
-//!   head (one thread per connection; bodies up to 1 KiB are read there too).
-//! - One **dispatcher** takes every request from tiny_http and routes it.
-//!   Probes (`/health`, `/ready`, v2 health), 404 and 405 are answered on the
-//!   spot, so an orchestrator's probes keep working when the workers are
-//!   saturated. Everything else goes into the bounded work queue; a request
-//!   that finds it full is answered 503 with `Retry-After` at once. This is
-//!   the only place load is shed, and it costs the shed client microseconds.
-//! - **Workers** (`threads`) read bodies, parse and validate them against the
-//!   model, run it and answer. With dynamic batching on, a validated request
-//!   that can be merged becomes a [`Job`] for the batcher instead.
-//! - **Batch runners** (with batching on) merge jobs and run them; see
-//!   [`super::batching`].
+//!   head (one thread per connection; bodies up to 1 KiB are read there too)
+//!   and put the request in tiny_http's queue.
+//! - **Workers** (`threads`) take turns at that queue (leader/follower): one
+//!   worker at a time waits on it, and the worker that gets a request hands
+//!   the turn on and handles the request itself — reads the body, parses and
+//!   validates it against the model, runs it, answers. No thread-to-thread
+//!   hand-off on the way, which is what a request costs most on a small
+//!   device besides the model. Probes (`/health`, `/ready`, v2 health), 404
+//!   and 405 are answered at once.
+//! - The **overflow dispatcher** takes over the queue only while every
+//!   worker is busy. It answers probes itself (so an orchestrator's probes
+//!   keep working when the workers are saturated) and puts everything else
+//!   in the bounded work queue, which workers empty before taking new
+//!   requests; a request that finds that queue full is answered 503 with
+//!   `Retry-After` at once. tiny_http's own queue therefore never holds more
+//!   than what arrived since the dispatcher last looked, and overload is
+//!   shed instead of queued without end. (With batching on, the queue of
+//!   parsed requests waiting for a batch is bounded the same way.)
+//! - With dynamic batching on, a validated request that can be merged
+//!   becomes a [`Job`] in the batch queue, and the worker then tries to
+//!   gather and run a batch itself; see [`super::batching`].
 //!
 //! Every handler runs under `catch_unwind`: a bug answers 500 for that one
 //! request and the worker carries on.
@@ -54,10 +63,28 @@ pub(crate) struct Shared {
     /// a job or answered. The batcher closes a batch early when this is zero
     /// and no job waits: nobody else is coming.
     pub pending: AtomicUsize,
-    /// Only one batch runner gathers a batch at a time, so concurrent
+    /// Only one worker gathers a batch at a time, so concurrent
     /// requests end up in one batch rather than in several half-empty ones.
     pub gather: Mutex<()>,
+    /// A gatherer is waiting for jobs (see [`super::batching`]).
+    pub gathering: AtomicBool,
     pub stopping: AtomicBool,
+    /// The tiny_http server requests come from (replaced if its listener fails).
+    pub http: Mutex<Arc<tiny_http::Server>>,
+    pub local_addr: std::net::SocketAddr,
+    /// The turn at tiny_http's queue: one worker waits on it at a time.
+    pub recv_turn: Mutex<()>,
+    /// Workers handling a request (not waiting for one), out of `workers`.
+    pub busy: AtomicUsize,
+    pub workers: usize,
+    /// Signalled when every worker is busy: the overflow dispatcher's cue.
+    pub all_busy: (Mutex<()>, std::sync::Condvar),
+}
+
+impl Shared {
+    pub(crate) fn current_server(&self) -> Arc<tiny_http::Server> {
+        self.http.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// A request admitted to the work queue.
@@ -146,9 +173,10 @@ fn build_response(a: Answer) -> Response<std::io::Cursor<Vec<u8>>> {
 
 /// Sends `answer` and counts it. A client that hung up is not an error.
 fn send(metrics: &Metrics, rq: Request, endpoint: &'static str, started: Instant, answer: Answer) {
-    let status = answer.status;
+    // Counted before the answer leaves, so a client that reads /metrics right
+    // after its answer sees it counted.
+    metrics.record_request(endpoint, answer.status, started.elapsed());
     let _ = rq.respond(build_response(answer));
-    metrics.record_request(endpoint, status, started.elapsed());
 }
 
 impl Reply {
@@ -163,58 +191,129 @@ impl Reply {
 
 // ---------------------------------------------------------------- dispatcher
 
-/// Takes requests from tiny_http until it stops; see the module docs.
-pub(crate) fn dispatch(shared: &Shared, server: &tiny_http::Server) -> Result<(), std::io::Error> {
-    loop {
-        let rq = match server.recv() {
-            Ok(rq) => rq,
-            Err(e) if shared.stopping.load(Ordering::Acquire) => {
-                log::debug!("dispatcher stopping: {e}");
-                return Ok(());
-            }
-            Err(e) => return Err(e),
-        };
-        let started = Instant::now();
-        if shared.stopping.load(Ordering::Acquire) {
-            send(&shared.metrics, rq, routes::UNKNOWN_ENDPOINT, started, Answer::error(&ApiError::shutting_down(), false));
-            continue;
+/// Routes a request just taken from tiny_http. Probes, 404 and 405 are
+/// answered here; anything else comes back as [`Work`] (an inference
+/// request is counted as pending from now on).
+fn admit(shared: &Shared, rq: Request) -> Option<Work> {
+    let started = Instant::now();
+    if shared.stopping.load(Ordering::Acquire) {
+        send_unread(shared, rq, routes::UNKNOWN_ENDPOINT, started, Answer::error(&ApiError::shutting_down(), false));
+        return None;
+    }
+    let route = match routes::route(rq.method(), rq.url()) {
+        Routed::Found(route) => route,
+        Routed::NotFound => {
+            let v2 = rq.url().starts_with("/v2");
+            let e = ApiError::not_found(format!("no route {} {}", rq.method(), path_only(rq.url())));
+            send_unread(shared, rq, routes::UNKNOWN_ENDPOINT, started, Answer::error(&e, v2));
+            return None;
         }
-        let route = match routes::route(rq.method(), rq.url()) {
-            Routed::Found(route) => route,
-            Routed::NotFound => {
-                let v2 = rq.url().starts_with("/v2");
-                let e = ApiError::not_found(format!("no route {} {}", rq.method(), path_only(rq.url())));
-                send(&shared.metrics, rq, routes::UNKNOWN_ENDPOINT, started, Answer::error(&e, v2));
-                continue;
-            }
-            Routed::WrongMethod(allow) => {
-                let v2 = rq.url().starts_with("/v2");
-                let e = ApiError::method_not_allowed(rq.method().as_str(), path_only(rq.url()), allow);
-                send(&shared.metrics, rq, routes::UNKNOWN_ENDPOINT, started, Answer::error(&e, v2));
-                continue;
-            }
-        };
-        if route.is_probe() {
-            let endpoint = route.endpoint();
-            let answer = probe(shared, &route);
-            send(&shared.metrics, rq, endpoint, started, answer);
-            continue;
+        Routed::WrongMethod(allow) => {
+            let v2 = rq.url().starts_with("/v2");
+            let e = ApiError::method_not_allowed(rq.method().as_str(), path_only(rq.url()), allow);
+            send_unread(shared, rq, routes::UNKNOWN_ENDPOINT, started, Answer::error(&e, v2));
+            return None;
         }
-        let inference = matches!(route, Route::Predict | Route::PredictBatch | Route::V2Infer { .. });
-        if inference {
-            shared.pending.fetch_add(1, Ordering::AcqRel);
+    };
+    if route.is_probe() {
+        let endpoint = route.endpoint();
+        let answer = probe(shared, &route);
+        send_unread(shared, rq, endpoint, started, answer);
+        return None;
+    }
+    if is_inference(&route) {
+        shared.pending.fetch_add(1, Ordering::AcqRel);
+    }
+    Some(Work { request: rq, route, started })
+}
+
+fn is_inference(route: &Route) -> bool {
+    matches!(route, Route::Predict | Route::PredictBatch | Route::V2Infer { .. })
+}
+
+/// Puts admitted work in the bounded queue for the workers, or sheds it.
+fn enqueue(shared: &Shared, server: &tiny_http::Server, work: Work) {
+    match shared.work.try_push(work) {
+        Ok(()) => {
+            // A worker may be waiting in tiny_http's queue meanwhile; wake it
+            // so it empties ours first.
+            if shared.busy.load(Ordering::Acquire) < shared.workers {
+                server.unblock();
+            }
         }
-        match shared.work.try_push(Work { request: rq, route, started }) {
-            Ok(()) => {}
-            Err(PushError::Full(w)) | Err(PushError::Closed(w)) => {
-                if inference {
-                    release_pending(shared);
+        Err(PushError::Full(w)) | Err(PushError::Closed(w)) => {
+            if is_inference(&w.route) {
+                release_pending(shared);
+            }
+            shared.metrics.record_shed();
+            let e = ApiError::overloaded(shared.config.retry_after_secs);
+            send_unread(shared, w.request, w.route.endpoint(), w.started, Answer::error(&e, w.route.is_v2()));
+        }
+    }
+}
+
+/// The overflow dispatcher: takes requests from tiny_http only while every
+/// worker is busy; see the module docs.
+pub(crate) fn overflow(shared: &Shared) {
+    while !shared.stopping.load(Ordering::Acquire) {
+        {
+            let mut g = shared.all_busy.0.lock().unwrap_or_else(|p| p.into_inner());
+            while shared.busy.load(Ordering::Acquire) < shared.workers && !shared.stopping.load(Ordering::Acquire) {
+                // The timeout only bounds how late a missed wake-up is noticed.
+                g = shared
+                    .all_busy
+                    .1
+                    .wait_timeout(g, Duration::from_millis(50))
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0);
+            }
+        }
+        let server = shared.current_server();
+        while shared.busy.load(Ordering::Acquire) >= shared.workers && !shared.stopping.load(Ordering::Acquire) {
+            // Polls rather than waits: a worker may be waiting on tiny_http's
+            // queue already (see `work`), and it must be the only waiter.
+            match server.try_recv() {
+                Ok(Some(rq)) => {
+                    if let Some(work) = admit(shared, rq) {
+                        enqueue(shared, &server, work);
+                    }
                 }
-                shared.metrics.record_shed();
-                let e = ApiError::overloaded(shared.config.retry_after_secs);
-                send(&shared.metrics, w.request, w.route.endpoint(), w.started, Answer::error(&e, w.route.is_v2()));
+                Ok(None) => std::thread::sleep(Duration::from_micros(100)),
+                // The listener failed; the worker holding the turn re-listens.
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
             }
         }
+    }
+}
+
+/// Keeps serving the connections of a listener that failed (they still
+/// send requests into its queue) by moving its requests to the work queue.
+pub(crate) fn forward_old(shared: &Shared, old: Arc<tiny_http::Server>) {
+    while !shared.stopping.load(Ordering::Acquire) {
+        match old.recv_timeout(Duration::from_millis(100)) {
+            Ok(Some(rq)) => {
+                if let Some(work) = admit(shared, rq) {
+                    let current = shared.current_server();
+                    enqueue(shared, &current, work);
+                }
+            }
+            Ok(None) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Answers a request whose body was not read. tiny_http reads bodies up to
+/// 1 KiB with the head; a larger one is drained when the request is dropped,
+/// which must not happen on the dispatcher (a slow client would stall every
+/// other request), so it goes to a drain thread like a 413.
+fn send_unread(shared: &Shared, rq: Request, endpoint: &'static str, started: Instant, answer: Answer) {
+    if rq.body_length().is_some_and(|n| n > 1024) {
+        let status = answer.status;
+        shared.metrics.record_request(endpoint, status, started.elapsed());
+        respond_and_drain(shared, rq, build_response(answer));
+    } else {
+        send(&shared.metrics, rq, endpoint, started, answer);
     }
 }
 
@@ -250,20 +349,126 @@ fn release_pending(shared: &Shared) {
 
 // ------------------------------------------------------------------- workers
 
-pub(crate) fn work(shared: &Shared) {
-    while let Some(w) = shared.work.pop() {
-        let endpoint = w.route.endpoint();
-        let inference = matches!(w.route, Route::Predict | Route::PredictBatch | Route::V2Infer { .. });
-        let started = w.started;
-        let mut pending = PendingToken { shared, held: inference };
-        let outcome = catch_unwind(AssertUnwindSafe(|| handle(shared, w, &mut pending)));
-        drop(pending);
-        if outcome.is_err() {
-            // The request was dropped while unwinding, and tiny_http answers a
-            // dropped request with 500 itself. Count it.
-            log::error!("handler panicked on {endpoint}; answered 500");
-            shared.metrics.record_request(endpoint, 500, started.elapsed());
+/// How long the worker holding the turn waits on tiny_http's queue before
+/// looking at the work queue again.
+const TURN_WAIT: Duration = Duration::from_millis(50);
+
+/// A worker: handles queued work first, else takes its turn at tiny_http's
+/// queue; see the module docs.
+pub(crate) fn work(shared: &Arc<Shared>) {
+    loop {
+        if let Some(w) = shared.work.try_pop() {
+            let _busy = Busy::new(shared);
+            handle_work(shared, w);
+            continue;
         }
+        let rq = {
+            let _turn = shared.recv_turn.lock().unwrap_or_else(|p| p.into_inner());
+            // The overflow dispatcher may have queued work while we waited.
+            if let Some(w) = shared.work.try_pop() {
+                drop(_turn);
+                let _busy = Busy::new(shared);
+                handle_work(shared, w);
+                continue;
+            }
+            if shared.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            let server = shared.current_server();
+            // A bounded wait, so work the overflow dispatcher queued just
+            // after we looked is picked up soon even if its wake-up is lost.
+            // (Only the turn holder ever waits on tiny_http's queue:
+            // tiny_http wakes one waiter per request, and with two waiters a
+            // wake-up can go to one whose wait is timing out, stranding the
+            // request.)
+            match server.recv_timeout(TURN_WAIT) {
+                Ok(Some(rq)) => rq,
+                // Timed out, or woken by `unblock`: look at the queue again.
+                Ok(None) => continue,
+                Err(e) if shared.stopping.load(Ordering::Acquire) => {
+                    log::debug!("worker stopping: {e}");
+                    return;
+                }
+                Err(e) => {
+                    // tiny_http's accept loop ends on its first error (e.g.
+                    // out of file descriptors): listen again rather than
+                    // leave a process that is alive but deaf.
+                    log::error!("the HTTP listener failed ({e}); listening again on {}", shared.local_addr);
+                    relisten(shared, server);
+                    continue;
+                }
+            }
+        };
+        let _busy = Busy::new(shared);
+        if let Some(w) = admit(shared, rq) {
+            handle_work(shared, w);
+        }
+    }
+}
+
+/// Counts a worker as busy (not waiting for requests) while it lives.
+struct Busy<'a>(&'a Shared);
+
+impl<'a> Busy<'a> {
+    fn new(shared: &'a Shared) -> Busy<'a> {
+        if shared.busy.fetch_add(1, Ordering::AcqRel) + 1 >= shared.workers {
+            shared.all_busy.1.notify_one();
+        }
+        Busy(shared)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::AcqRel);
+        // A waiting gatherer may now see that nobody else is coming.
+        if self.0.gathering.load(Ordering::Acquire) {
+            self.0.jobs.wake_all();
+        }
+    }
+}
+
+/// Binds a fresh listener on the same address and keeps the old one's
+/// connections served.
+fn relisten(shared: &Arc<Shared>, old: Arc<tiny_http::Server>) {
+    loop {
+        if shared.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        let fresh = super::bind_listener(shared.local_addr, &shared.config)
+            .and_then(|l| tiny_http::Server::from_listener(l, None).map_err(|e| super::ServerError::Http(e.to_string())));
+        match fresh {
+            Ok(s) => {
+                *shared.http.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(s);
+                break;
+            }
+            Err(e) => {
+                log::error!("{e}; retrying");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    let s = shared.clone();
+    let spawned = std::thread::Builder::new()
+        .name("outpost-old-listener".into())
+        .spawn(move || forward_old(&s, old));
+    if let Err(e) = spawned {
+        log::error!("cannot keep the old listener's connections served: {e}");
+    }
+}
+
+fn handle_work(shared: &Shared, w: Work) {
+    let endpoint = w.route.endpoint();
+    let inference = is_inference(&w.route);
+    let started = w.started;
+    let mut pending = PendingToken { shared, held: inference };
+    let outcome = catch_unwind(AssertUnwindSafe(|| handle(shared, w, &mut pending)));
+    drop(pending);
+    if outcome.is_err() {
+        // The request was dropped while unwinding, and tiny_http answers a
+        // dropped request with 500 itself. Count it.
+        log::error!("handler panicked on {endpoint}; answered 500");
+        shared.metrics.record_request(endpoint, 500, started.elapsed());
     }
 }
 
@@ -380,7 +585,7 @@ fn handle_inference(shared: &Shared, mut reply: Reply, route: &Route, pending: &
             pending.release();
             let job = Job { deployed: d, inputs: parsed.inputs, rows, render: parsed.render, reply };
             match shared.jobs.try_push(job) {
-                Ok(()) => return,
+                Ok(()) => return super::batching::drive(shared),
                 Err(PushError::Full(job)) => {
                     shared.metrics.record_shed();
                     let e = ApiError::overloaded(shared.config.retry_after_secs);
@@ -515,7 +720,12 @@ fn answer_oversized(shared: &Shared, reply: Reply, e: ApiError) {
     let answer = Answer::error(&e, reply.v2);
     let Reply { request, endpoint, started, .. } = reply;
     shared.metrics.record_request(endpoint, 413, started.elapsed());
-    let response = build_response(answer);
+    respond_and_drain(shared, request, build_response(answer));
+}
+
+/// Sends `response`, then drops the request (draining its unread body) on a
+/// drain thread when one is free, else here.
+fn respond_and_drain(shared: &Shared, request: Request, response: Response<std::io::Cursor<Vec<u8>>>) {
     if request.body_length().is_some() && shared.draining.fetch_add(1, Ordering::AcqRel) < MAX_DRAINING {
         let slot = DrainSlot(shared.draining.clone());
         let spawned = std::thread::Builder::new().name("outpost-drain".into()).spawn(move || {

@@ -8,7 +8,7 @@
 //! never run again, yet it stays counted in the process's RSS. The heap
 //! holds about a megabyte.
 //!
-//! [`release_startup_code`] hands those pages back: it marks the clean
+//! [`release_startup_memory`] hands those pages back: it marks the clean
 //! read-only file mappings (the binary's code and read-only data, shared
 //! libraries') `MADV_RANDOM` (no fault-around: a page comes back alone when
 //! it is needed) and `MADV_DONTNEED` (unmap what is resident). What the
@@ -17,6 +17,9 @@
 //! are exact copies of the file. Mappings that were ever writable (relocated
 //! RELRO data, `VM_ACCOUNT` in smaps) differ from the file and are left alone.
 //!
+//! It also calls glibc's `malloc_trim`, which returns the free pages left
+//! inside the heap by loading (protobuf parsing, graph rewriting) to the kernel.
+//!
 //! [`limit_malloc_arenas`] caps glibc's per-thread malloc arenas: tiny_http
 //! runs one thread per connection, and glibc would give up to 8 × cores of
 //! them an arena of their own, each keeping freed memory around.
@@ -24,10 +27,12 @@
 //! Both are Linux-only (glibc for the second) and no-ops elsewhere. The
 //! peak (`VmHWM`) still shows the start-up high-water mark.
 
-/// Drops the resident pages of clean read-only file mappings; see the module
-/// docs. Returns the bytes of this executable's mappings advised. Call it once the model is
-/// loaded and warmed up.
-pub fn release_startup_code() -> std::io::Result<usize> {
+/// Drops the resident pages of clean read-only file mappings, and hands the
+/// heap's free pages back to the kernel (glibc `malloc_trim`); see the module
+/// docs. Returns the bytes of this executable's mappings advised. Call it
+/// once the model is loaded and warmed up.
+pub fn release_startup_memory() -> std::io::Result<usize> {
+    imp::trim_heap();
     imp::release_startup_code()
 }
 
@@ -113,6 +118,17 @@ mod imp {
         Ok(advised)
     }
 
+    /// Loading parses protobuf and rewrites graphs: megabytes allocated and
+    /// freed, leaving free pages inside the heap that glibc keeps resident.
+    #[cfg(target_env = "gnu")]
+    pub fn trim_heap() {
+        // SAFETY: malloc_trim only returns free heap pages to the kernel.
+        unsafe { libc::malloc_trim(0) };
+    }
+
+    #[cfg(not(target_env = "gnu"))]
+    pub fn trim_heap() {}
+
     #[cfg(target_env = "gnu")]
     pub fn limit_malloc_arenas(arenas: usize) -> bool {
         let n = arenas.clamp(1, i32::MAX as usize) as libc::c_int;
@@ -128,6 +144,8 @@ mod imp {
 
 #[cfg(not(target_os = "linux"))]
 mod imp {
+    pub fn trim_heap() {}
+
     pub fn release_startup_code() -> std::io::Result<usize> {
         Ok(0)
     }
@@ -141,7 +159,7 @@ mod imp {
 mod tests {
     #[test]
     fn releasing_code_keeps_the_process_running() {
-        let advised = super::release_startup_code().expect("madvise");
+        let advised = super::release_startup_memory().expect("madvise");
         assert!(advised > 0);
         // Code still runs after its pages were dropped.
         let v: Vec<u64> = (0..1000).map(|x| x * x).collect();

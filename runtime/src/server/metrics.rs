@@ -186,7 +186,7 @@ impl Metrics {
         let request_duration: HistogramFamily = Family::new_with_constructor(request_histogram);
         registry.register_with_unit(
             "outpost_http_request_duration",
-            "Time from taking a request to having answered it",
+            "Time from taking a request to its answer being ready to send",
             Unit::Seconds,
             request_duration.clone(),
         );

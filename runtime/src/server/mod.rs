@@ -79,7 +79,6 @@ impl Server {
             .local_addr()
             .map_err(|source| ServerError::Bind { addr: config.listen.clone(), source })?;
         let http = tiny_http::Server::from_listener(listener, None).map_err(|e| ServerError::Http(e.to_string()))?;
-        let http = Arc::new(Mutex::new(Arc::new(http)));
 
         let workers = config.worker_threads();
         let batching = config.batching_enabled();
@@ -96,30 +95,24 @@ impl Server {
             batching,
             pending: AtomicUsize::new(0),
             gather: Mutex::new(()),
+            gathering: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            http: Mutex::new(Arc::new(http)),
+            local_addr,
+            recv_turn: Mutex::new(()),
+            busy: AtomicUsize::new(0),
+            workers,
+            all_busy: (Mutex::new(()), std::sync::Condvar::new()),
         });
 
-        let mut running = RunningServer {
-            shared: shared.clone(),
-            http: http.clone(),
-            local_addr,
-            dispatcher: None,
-            workers: Vec::new(),
-            runners: Vec::new(),
-        };
+        let mut running = RunningServer { shared: shared.clone(), local_addr, overflow: None, workers: Vec::new() };
         // If a spawn fails, dropping `running` stops what did start.
         for i in 0..workers {
             let s = shared.clone();
             running.workers.push(spawn(format!("outpost-worker-{i}"), move || handler::work(&s))?);
         }
-        if batching {
-            for i in 0..workers {
-                let s = shared.clone();
-                running.runners.push(spawn(format!("outpost-batch-{i}"), move || batching::run(&s))?);
-            }
-        }
         let s = shared.clone();
-        running.dispatcher = Some(spawn("outpost-dispatch".into(), move || dispatch_forever(&s, &http, local_addr))?);
+        running.overflow = Some(spawn("outpost-overflow".into(), move || handler::overflow(&s))?);
         log::info!(
             "listening on http://{local_addr} ({workers} workers, queue {}, dynamic batching {})",
             shared.config.queue_capacity,
@@ -136,11 +129,9 @@ impl Server {
 /// A started server. Dropping it shuts it down.
 pub struct RunningServer {
     shared: Arc<Shared>,
-    http: Arc<Mutex<Arc<tiny_http::Server>>>,
     local_addr: SocketAddr,
-    dispatcher: Option<JoinHandle<()>>,
+    overflow: Option<JoinHandle<()>>,
     workers: Vec<JoinHandle<()>>,
-    runners: Vec<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for RunningServer {
@@ -168,8 +159,8 @@ impl RunningServer {
     /// Blocks until the server stops (it only stops through [`shutdown`](Self::shutdown)
     /// from another thread, or with the process).
     pub fn wait(mut self) {
-        if let Some(d) = self.dispatcher.take() {
-            let _ = d.join();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
         }
         self.stop();
     }
@@ -182,20 +173,24 @@ impl RunningServer {
     }
 
     fn stop(&mut self) {
-        self.shared.stopping.store(true, Ordering::Release);
-        self.http.lock().unwrap_or_else(|p| p.into_inner()).unblock();
-        if let Some(d) = self.dispatcher.take() {
-            let _ = d.join();
+        let s = &self.shared;
+        s.stopping.store(true, Ordering::Release);
+        s.all_busy.1.notify_all();
+        // Wake whichever worker waits in tiny_http's queue (once per worker,
+        // as each may take a turn before it sees `stopping`).
+        let server = s.current_server();
+        for _ in 0..=s.workers {
+            server.unblock();
         }
-        // Workers answer what is queued, then see the queue closed.
-        self.shared.work.close();
+        if let Some(o) = self.overflow.take() {
+            let _ = o.join();
+        }
+        // Workers answer what is queued, then leave.
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
-        self.shared.jobs.close();
-        for r in self.runners.drain(..) {
-            let _ = r.join();
-        }
+        s.work.close();
+        s.jobs.close();
     }
 }
 
@@ -228,7 +223,7 @@ fn resolve(listen: &str) -> Result<SocketAddr, ServerError> {
 /// Deliberately no *read* timeout: Linux applies a listener's receive
 /// timeout to `accept` itself, and tiny_http's accept loop ends on the first
 /// accept error, so the server would go deaf after one idle period.
-fn bind_listener(addr: SocketAddr, config: &ServerConfig) -> Result<TcpListener, ServerError> {
+pub(crate) fn bind_listener(addr: SocketAddr, config: &ServerConfig) -> Result<TcpListener, ServerError> {
     use socket2::{Domain, Protocol, Socket, TcpKeepalive, Type};
     let bind_err = |source| ServerError::Bind { addr: addr.to_string(), source };
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(bind_err)?;
@@ -244,32 +239,4 @@ fn bind_listener(addr: SocketAddr, config: &ServerConfig) -> Result<TcpListener,
     socket.bind(&addr.into()).map_err(bind_err)?;
     socket.listen(1024).map_err(bind_err)?;
     Ok(socket.into())
-}
-
-/// Runs the dispatcher; if tiny_http's accept loop dies (it gives up on the
-/// first accept error, e.g. out of file descriptors), listens again on the
-/// same address instead of leaving a process that is alive but deaf.
-fn dispatch_forever(shared: &Shared, http: &Mutex<Arc<tiny_http::Server>>, addr: SocketAddr) {
-    loop {
-        let server = http.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        match handler::dispatch(shared, &server) {
-            Ok(()) => return,
-            Err(e) => log::error!("the HTTP listener failed ({e}); listening again on {addr}"),
-        }
-        loop {
-            std::thread::sleep(Duration::from_millis(100));
-            if shared.stopping.load(Ordering::Acquire) {
-                return;
-            }
-            let fresh = bind_listener(addr, &shared.config)
-                .and_then(|l| tiny_http::Server::from_listener(l, None).map_err(|e| ServerError::Http(e.to_string())));
-            match fresh {
-                Ok(s) => {
-                    *http.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(s);
-                    break;
-                }
-                Err(e) => log::error!("{e}; retrying"),
-            }
-        }
-    }
 }

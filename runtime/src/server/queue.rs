@@ -66,18 +66,11 @@ impl<T> BoundedQueue<T> {
         Ok(())
     }
 
-    /// Blocks until an item arrives; `None` once the queue is closed and empty.
-    pub fn pop(&self) -> Option<T> {
-        let mut s = self.lock();
-        loop {
-            if let Some(item) = s.items.pop_front() {
-                return Some(item);
-            }
-            if s.closed {
-                return None;
-            }
-            s = self.nonempty.wait(s).unwrap_or_else(|p| p.into_inner());
-        }
+    /// Puts an item taken from the queue back at its head, even when that
+    /// overfills it: it was admitted already.
+    pub fn push_front(&self, item: T) {
+        self.lock().items.push_front(item);
+        self.nonempty.notify_one();
     }
 
     /// Pops an item, or waits once (until `deadline`) for one to arrive or for
@@ -142,11 +135,11 @@ mod tests {
             Err(PushError::Full(3)) => {}
             _ => panic!("expected Full(3)"),
         }
-        assert_eq!(q.pop(), Some(1));
+        assert_eq!(q.try_pop(), Some(1));
         q.close();
         assert!(matches!(q.try_push(4), Err(PushError::Closed(4))));
-        assert_eq!(q.pop(), Some(2));
-        assert_eq!(q.pop(), None);
+        assert_eq!(q.try_pop(), Some(2));
+        assert_eq!(q.try_pop(), None);
     }
 
     #[test]

@@ -7,9 +7,16 @@
 //! **publisher** takes the core's replies and publishes them with the
 //! request's correlation data.
 //!
+//! [`MqttArgs`] are the `--mqtt …` flags for a command that serves a model;
+//! [`in_message`] and [`publish_reply`] are the two conversions an agent
+//! needs to drive [`StreamCore`] from its own MQTT 5 connection instead.
+//!
 //! Subscriptions set MQTT 5 *no local*, so the broker never sends this
 //! client its own replies even when an input filter (`sensors/#`) covers the
 //! reply topics; the core's reply-topic guard covers brokers that ignore it.
+//! TCP_NODELAY is set: a message and its reply are small packets, and with
+//! Nagle's algorithm each would wait for the broker's delayed ACK (~40 ms
+//! a hop). The broker should set it too (mosquitto: `set_tcp_nodelay true`).
 //! The client announces a maximum packet size of
 //! [`StreamConfig::max_payload_bytes`] plus headroom, so an MQTT 5 broker
 //! discards larger messages instead of cutting the connection.
@@ -132,7 +139,7 @@ pub fn in_message(p: &Publish) -> Option<InMessage> {
 
 /// Publishes one reply with its correlation data (blocks while the
 /// client's request channel is full).
-pub fn publish_reply(client: &Client, reply: OutMessage, qos: QoS) -> Result<(), ClientError> {
+pub fn publish_reply(client: &Client, reply: OutMessage, qos: QoS) -> Result<(), Box<ClientError>> {
     let properties = PublishProperties {
         correlation_data: reply.correlation_data.map(Into::into),
         content_type: Some("application/json".into()),
@@ -140,7 +147,7 @@ pub fn publish_reply(client: &Client, reply: OutMessage, qos: QoS) -> Result<(),
         payload_format_indicator: Some(1),
         ..PublishProperties::default()
     };
-    client.publish_with_properties(reply.topic, qos, false, reply.payload, properties)
+    client.publish_with_properties(reply.topic, qos, false, reply.payload, properties).map_err(Box::new)
 }
 
 /// The `--mqtt …` flags of a command that serves a model (`serve`), ready to
@@ -148,8 +155,8 @@ pub fn publish_reply(client: &Client, reply: OutMessage, qos: QoS) -> Result<(),
 /// turns them into a running stream on the command's model slot.
 #[derive(Clone, Debug, clap::Args)]
 pub struct MqttArgs {
-    /// Also predict over MQTT: broker URL, mqtt://[user:password@]host[:port]
-    /// or mqtts://… (off without it).
+    /// Also predict over MQTT: the broker's URL, e.g. mqtt://user:password@host:1883
+    /// or mqtts://host (off without it).
     #[arg(long, value_name = "URL", env = "OUTPOST_MQTT")]
     pub mqtt: Option<String>,
     /// Topic filter to predict on, e.g. sensors/+/reading (repeat for several).
@@ -171,7 +178,7 @@ pub struct MqttArgs {
     /// Largest message in bytes; larger ones get a payload_too_large reply.
     #[arg(long = "mqtt-max-payload", default_value_t = 1024 * 1024)]
     pub mqtt_max_payload: usize,
-    /// MQTT client id (default: outpost-runtime-<pid>-<nanos>).
+    /// MQTT client id (default: outpost-runtime-PID-NANOS, unique per process).
     #[arg(long = "mqtt-client-id")]
     pub mqtt_client_id: Option<String>,
 }
@@ -275,6 +282,11 @@ impl MqttStream {
         if addr.tls {
             options.set_transport(rumqttc::Transport::tls_with_default_config());
         }
+        // Small packets both ways (a publish, its ack, the reply): with
+        // Nagle's algorithm each waits out the peer's delayed ACK, ~40 ms.
+        let mut network = rumqttc::NetworkOptions::new();
+        network.set_tcp_nodelay(true);
+        options.set_network_options(network);
         let (client, connection) = Client::new(options, stream.reply_capacity + 16);
         let (core, replies) = StreamCore::start(slot, stream)?;
         let stats = core.stats();

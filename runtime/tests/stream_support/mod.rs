@@ -63,7 +63,7 @@ impl Broker {
         let dir = std::env::temp_dir().join(format!("outpost-mosquitto-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let conf = dir.join("mosquitto.conf");
-        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"))
+        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n"))
             .map_err(|e| e.to_string())?;
         let child = Command::new("mosquitto")
             .arg("-c")
@@ -100,7 +100,7 @@ impl Drop for Broker {
 #[derive(Debug)]
 pub enum Seen {
     SubAck,
-    Publish(Publish),
+    Publish(Box<Publish>),
 }
 
 /// An MQTT 5 client whose incoming publishes arrive on a channel.
@@ -116,12 +116,15 @@ impl TestClient {
         let mut options = MqttOptions::new(id, "127.0.0.1", broker.port);
         options.set_keep_alive(Duration::from_secs(30));
         options.set_max_packet_size(Some(4 * 1024 * 1024));
+        let mut network = rumqttc::NetworkOptions::new();
+        network.set_tcp_nodelay(true);
+        options.set_network_options(network);
         let (client, mut connection) = Client::new(options, 256);
         let (tx, seen) = channel();
         std::thread::spawn(move || {
             for event in connection.iter() {
                 let sent = match event {
-                    Ok(Event::Incoming(Packet::Publish(p))) => tx.send(Seen::Publish(p)),
+                    Ok(Event::Incoming(Packet::Publish(p))) => tx.send(Seen::Publish(Box::new(p))),
                     Ok(Event::Incoming(Packet::SubAck(_))) => tx.send(Seen::SubAck),
                     Ok(_) => Ok(()),
                     Err(_) => {
@@ -164,7 +167,7 @@ impl TestClient {
         let deadline = Instant::now() + timeout;
         loop {
             match self.seen.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(Seen::Publish(p)) => return Some(p),
+                Ok(Seen::Publish(p)) => return Some(*p),
                 Ok(_) => {}
                 Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => return None,
             }
