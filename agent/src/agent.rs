@@ -34,6 +34,7 @@ use outpost_runtime::protocol::{
     Status,
 };
 use outpost_runtime::server::{Deployed, ModelSlot, RunningServer, Server, ServerConfig};
+use outpost_runtime::stream::StreamCore;
 
 use crate::activation::{load_slot, switch_traffic, Trust};
 use crate::config::AgentConfig;
@@ -69,6 +70,8 @@ pub enum StartError {
     Server(#[from] outpost_runtime::server::ServerError),
     #[error("MQTT: {0}")]
     Link(#[from] crate::link::LinkError),
+    #[error("streaming mode: {0}")]
+    Stream(#[from] outpost_runtime::stream::StreamError),
 }
 
 /// A running agent.
@@ -77,6 +80,8 @@ pub struct Agent {
     slots: Slots,
     model: Arc<ModelSlot>,
     server: RunningServer,
+    /// The streaming mode (`stream_inputs`), when on.
+    stream: Option<StreamCore>,
     link: Link,
     inputs: Receiver<Input>,
     connected: bool,
@@ -160,14 +165,33 @@ impl Agent {
         }
 
         let server_config = ServerConfig { listen: config.listen.clone(), threads: config.threads, ..ServerConfig::default() };
-        let server = Server::start(server_config, model.clone())?;
+        // The streaming mode predicts from the same slot as HTTP (a swap
+        // reaches both at once) and shows its counters on the same /metrics.
+        let (stream, stream_replies) = match &config.stream {
+            Some(settings) => {
+                let (core, replies) = StreamCore::start(model.clone(), settings.config.clone())?;
+                (Some(core), Some(replies))
+            }
+            None => (None, None),
+        };
+        let extra_metrics: Vec<Box<dyn prometheus_client::collector::Collector>> = stream
+            .iter()
+            .map(|s| Box::new(s.stats().collector()) as Box<dyn prometheus_client::collector::Collector>)
+            .collect();
+        let server = Server::start_with_metrics(server_config, model.clone(), extra_metrics)?;
         log::info!("predict API on http://{}", server.local_addr());
         let notifier = Notifier::from_env();
         if let Some(n) = &notifier {
             n.ready();
         }
         let (tx, rx) = std::sync::mpsc::channel();
-        let link = Link::start(&config, tx.clone())?;
+        let link = Link::start(&config, tx.clone(), stream.as_ref().map(StreamCore::submitter))?;
+        if let (Some(core), Some(replies)) = (&stream, stream_replies) {
+            link.publish_stream_replies(replies, core.stats())?;
+            if let Some(settings) = &config.stream {
+                log::info!("streaming predictions for {}", settings.inputs.join(", "));
+            }
+        }
         let window = Window::new(model.current());
         let offline = OfflineBuffer::new(config.offline_buffer);
         let mut agent = Agent {
@@ -176,6 +200,7 @@ impl Agent {
             slots,
             model,
             server,
+            stream,
             link,
             inputs: rx,
             connected: false,
@@ -219,6 +244,9 @@ impl Agent {
         if let Some(n) = &self.notifier {
             n.stopping();
         }
+        if let Some(stream) = self.stream.take() {
+            stream.shutdown();
+        }
         self.link.disconnect();
         log::info!("stopped");
     }
@@ -229,7 +257,8 @@ impl Agent {
         match event {
             LinkEvent::Connected => {
                 self.connected = true;
-                if let Err(e) = self.link.subscribe(&self.config.device_id) {
+                let stream_inputs = self.config.stream.as_ref().map(|s| s.inputs.as_slice()).unwrap_or(&[]);
+                if let Err(e) = self.link.subscribe(&self.config.device_id, stream_inputs) {
                     log::warn!("subscribing: {e}");
                 }
                 self.state_dirty = true;

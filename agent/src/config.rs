@@ -14,6 +14,10 @@
 //! device_key = "/etc/outpost/device.key"     # required; a path, or the key line itself
 //! state_dir  = "/var/lib/outpost"            # required
 //! listen     = "127.0.0.1:8080"
+//! # Streaming mode: predict on JSON messages from these topic filters and
+//! # publish each answer to `stream_output` ({topic} = the input topic).
+//! # stream_inputs = ["sensors/+/reading"]    # env: OUTPOST_STREAM_INPUTS="a/+,b/#"
+//! # stream_output = "{topic}/prediction"
 //! ```
 //!
 //! Tuning keys and their defaults: `chunk_size` 32768, `chunks_in_flight`
@@ -22,7 +26,9 @@
 //! `probation_secs` 60, `probation_max_error_rate` 0.05,
 //! `probation_max_latency_ratio` 5, `probation_min_requests` 20,
 //! `probation_max_boots` 3, `threads` 0 (one HTTP worker per core),
-//! `keep_alive_secs` 30, `reconnect_min_ms` 500, `reconnect_max_ms` 30000.
+//! `keep_alive_secs` 30, `reconnect_min_ms` 500, `reconnect_max_ms` 30000,
+//! `stream_queue` 64 (stream messages waiting for inference; more are
+//! dropped and counted in `/metrics`).
 //!
 //! Every mistake is a [`ConfigError`] naming the key, so the agent stops at
 //! start with one line a person can act on.
@@ -81,6 +87,16 @@ pub struct AgentConfig {
     pub keep_alive: Duration,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    /// The streaming mode, when `stream_inputs` names topics.
+    pub stream: Option<StreamSettings>,
+}
+
+/// Streaming inference on the agent's own broker connection.
+#[derive(Clone, Debug)]
+pub struct StreamSettings {
+    /// Topic filters to predict on (never under `outpost/`).
+    pub inputs: Vec<String>,
+    pub config: outpost_runtime::stream::StreamConfig,
 }
 
 /// Every key, as in the file. The environment variable is `OUTPOST_` plus
@@ -114,6 +130,9 @@ struct Raw {
     keep_alive_secs: Option<u64>,
     reconnect_min_ms: Option<u64>,
     reconnect_max_ms: Option<u64>,
+    stream_inputs: Option<Vec<String>>,
+    stream_output: Option<String>,
+    stream_queue: Option<usize>,
 }
 
 /// Keys whose environment value is a number (parsed as TOML), or a list
@@ -133,6 +152,7 @@ const NUMERIC_KEYS: &[&str] = &[
     "keep_alive_secs",
     "reconnect_min_ms",
     "reconnect_max_ms",
+    "stream_queue",
 ];
 const STRING_KEYS: &[&str] = &[
     "device_id",
@@ -146,7 +166,11 @@ const STRING_KEYS: &[&str] = &[
     "device_key",
     "state_dir",
     "listen",
+    "stream_output",
 ];
+
+/// Keys whose environment value is a comma-separated list.
+const LIST_KEYS: &[&str] = &["tags", "stream_inputs"];
 
 impl AgentConfig {
     /// Reads `path` (if given), overlays `OUTPOST_<KEY>` variables from
@@ -160,10 +184,10 @@ impl AgentConfig {
             }
             None => toml::Table::new(),
         };
-        for key in STRING_KEYS.iter().chain(NUMERIC_KEYS).chain(["tags"].iter()) {
+        for key in STRING_KEYS.iter().chain(NUMERIC_KEYS).chain(LIST_KEYS) {
             let var = format!("OUTPOST_{}", key.to_ascii_uppercase());
             let Some(value) = env(&var) else { continue };
-            let value = if *key == "tags" {
+            let value = if LIST_KEYS.contains(key) {
                 toml::Value::Array(
                     value.split(',').map(str::trim).filter(|t| !t.is_empty()).map(|t| toml::Value::String(t.into())).collect(),
                 )
@@ -254,7 +278,9 @@ impl AgentConfig {
         if reconnect_max < reconnect_min {
             return Err(err("reconnect_max_ms", "must not be below reconnect_min_ms"));
         }
+        let stream = stream_settings(raw.stream_inputs, raw.stream_output, raw.stream_queue)?;
         Ok(AgentConfig {
+            stream,
             device_id,
             tags,
             broker,
@@ -283,6 +309,47 @@ impl AgentConfig {
             reconnect_max,
         })
     }
+}
+
+/// The streaming keys, checked: filters well-formed and outside the fleet's
+/// own topics (a device answering `outpost/…` messages would answer the
+/// fleet's directives), the output template valid.
+fn stream_settings(
+    inputs: Option<Vec<String>>,
+    output: Option<String>,
+    queue: Option<usize>,
+) -> Result<Option<StreamSettings>, ConfigError> {
+    let inputs = inputs.unwrap_or_default();
+    if inputs.is_empty() {
+        if output.is_some() || queue.is_some() {
+            return Err(err("stream_inputs", "stream_output / stream_queue need stream_inputs (the topics to predict on)"));
+        }
+        return Ok(None);
+    }
+    for filter in &inputs {
+        let valid = !filter.is_empty()
+            && filter.split('/').enumerate().all(|(i, level)| {
+                let last = i == filter.split('/').count() - 1;
+                (level != "#" || last) && (!level.contains('#') || level == "#") && (!level.contains('+') || level == "+")
+            });
+        if !valid {
+            return Err(err("stream_inputs", format!("{filter:?} is not an MQTT topic filter")));
+        }
+        if filter.starts_with("outpost/") || filter == "#" || filter.starts_with("+/") || filter == "+" {
+            return Err(err("stream_inputs", format!("{filter:?} would cover the fleet's own outpost/… topics")));
+        }
+    }
+    let mut config = outpost_runtime::stream::StreamConfig::default();
+    if let Some(template) = output {
+        config.output = template.parse().map_err(|e: outpost_runtime::stream::StreamError| err("stream_output", e.to_string()))?;
+    }
+    if let Some(q) = queue {
+        if q == 0 {
+            return Err(err("stream_queue", "must be at least 1"));
+        }
+        config.queue_capacity = q;
+    }
+    Ok(Some(StreamSettings { inputs, config }))
 }
 
 /// Turns toml/serde messages ("unknown field `x`", "invalid type … for key
@@ -375,6 +442,18 @@ mod tests {
         assert_eq!(e.key, "broker");
         let e = AgentConfig::load(Some(&file), |k| (k == "OUTPOST_DEVICE_ID").then(|| "a/b".into())).unwrap_err();
         assert_eq!(e.key, "device_id");
+
+        // Streaming keys: a list from the environment; filters checked.
+        let stream = |v: &'static str| move |k: &str| (k == "OUTPOST_STREAM_INPUTS").then(|| v.to_string());
+        let c = AgentConfig::load(Some(&file), stream("sensors/+/reading, plant/#")).unwrap();
+        assert_eq!(c.stream.map(|s| s.inputs), Some(vec!["sensors/+/reading".to_string(), "plant/#".to_string()]));
+        assert!(AgentConfig::load(Some(&file), |_| None).unwrap().stream.is_none());
+        for bad in ["outpost/v1/#", "#", "a/#/b", "a+/b"] {
+            let e = AgentConfig::load(Some(&file), stream(bad)).unwrap_err();
+            assert_eq!(e.key, "stream_inputs", "{bad}: {e}");
+        }
+        let e = AgentConfig::load(Some(&file), |k| (k == "OUTPOST_STREAM_QUEUE").then(|| "8".into())).unwrap_err();
+        assert_eq!(e.key, "stream_inputs", "{e}");
 
         std::fs::write(&file, "device_id = \"x\"\nbrokr = \"mqtt://h\"\n").unwrap();
         let e = AgentConfig::load(Some(&file), |_| None).unwrap_err();

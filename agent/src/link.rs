@@ -10,14 +10,21 @@
 //! on [`LinkEvent::Connected`], and the broker then re-sends the retained
 //! `desired` message — which is how a device that was away catches up.
 //!
+//! With the streaming mode on, messages on the stream's input topics never
+//! reach the main loop: this thread hands them to the stream's queue at
+//! once (never blocking: a full queue drops and counts), and a second thread
+//! publishes the stream's replies on the same connection.
+//!
 //! The last will is the retained [`OFFLINE_WILL`] on the device's state
 //! topic. Publishing never blocks the main loop: a full request queue is an
 //! error the caller handles (the offline buffer).
 
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
 use std::time::Duration;
 
 use outpost_runtime::protocol::{topics, Limits, OFFLINE_WILL};
+use outpost_runtime::stream::{InMessage, OutMessage, StreamStats, SubmitOutcome, Submitter};
 use rumqttc::{Client, Event, LastWill, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 
 use crate::config::AgentConfig;
@@ -50,46 +57,12 @@ pub struct Link {
 impl Link {
     /// Connects in the background; events (starting with `Connected`) arrive
     /// on the returned receiver.
-    pub fn start(config: &AgentConfig, events: Sender<crate::agent::Input>) -> Result<Link, LinkError> {
-        // The client id is the device id (the embedded broker and the
-        // mosquitto ACL pattern key on it).
-        let mut options = MqttOptions::new(config.device_id.clone(), config.broker.host.clone(), config.broker.port);
-        options.set_keep_alive(config.keep_alive);
-        options.set_clean_session(true);
-        let max_packet = Limits::default().max_packet_bytes();
-        options.set_max_packet_size(max_packet, max_packet);
-        options.set_last_will(LastWill::new(topics::state(&config.device_id), OFFLINE_WILL, QoS::AtLeastOnce, true));
-        if let Some(user) = &config.username {
-            options.set_credentials(user.clone(), config.password.clone().unwrap_or_default());
-        }
-        if config.broker.tls {
-            let transport = match (&config.ca_file, &config.client_cert, &config.client_key) {
-                (None, None, None) => Transport::tls_with_default_config(),
-                (ca, cert, key) => {
-                    let read = |p: &std::path::PathBuf| {
-                        std::fs::read(p).map_err(|source| LinkError::Io { path: p.display().to_string(), source })
-                    };
-                    let client_auth = match (cert, key) {
-                        (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
-                        _ => None,
-                    };
-                    match ca {
-                        Some(ca) => Transport::tls_with_config(TlsConfiguration::Simple { ca: read(ca)?, alpn: None, client_auth }),
-                        // A client certificate with the system's roots: rumqttc's
-                        // simple config needs a CA, so use the native roots' PEM
-                        // bundle where the distribution keeps it.
-                        None => {
-                            let ca = ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt"]
-                                .iter()
-                                .find_map(|p| std::fs::read(p).ok())
-                                .unwrap_or_default();
-                            Transport::tls_with_config(TlsConfiguration::Simple { ca, alpn: None, client_auth })
-                        }
-                    }
-                }
-            };
-            options.set_transport(transport);
-        }
+    pub fn start(
+        config: &AgentConfig,
+        events: Sender<crate::agent::Input>,
+        stream: Option<Submitter>,
+    ) -> Result<Link, LinkError> {
+        let options = mqtt_options(config)?;
         // Room for a window of chunk requests plus telemetry bursts.
         let (client, mut connection) = Client::new(options, 512);
         let (min, max) = (config.reconnect_min, config.reconnect_max);
@@ -109,9 +82,17 @@ impl Link {
                             log::info!("connected to the broker ({:?})", ack.code);
                             Some(LinkEvent::Connected)
                         }
-                        Ok(Event::Incoming(Packet::Publish(p))) => {
-                            Some(LinkEvent::Message { topic: p.topic, payload: p.payload.to_vec() })
-                        }
+                        Ok(Event::Incoming(Packet::Publish(p))) => match &stream {
+                            // Everything outside the fleet's topics is stream input.
+                            Some(submitter) if !p.topic.starts_with(topics::ROOT) => {
+                                let outcome = submitter.submit(InMessage::new(p.topic, p.payload.to_vec()));
+                                if outcome == SubmitOutcome::Dropped {
+                                    log::debug!("stream queue full: message dropped");
+                                }
+                                None
+                            }
+                            _ => Some(LinkEvent::Message { topic: p.topic, payload: p.payload.to_vec() }),
+                        },
                         Ok(_) => None,
                         Err(e) => {
                             let wait = jittered(backoff);
@@ -136,9 +117,37 @@ impl Link {
     }
 
     /// Subscribes to the device's retained desired topic and its chunk replies.
-    pub fn subscribe(&self, device_id: &str) -> Result<(), LinkError> {
+    /// With `stream_inputs`, also to those filters.
+    pub fn subscribe(&self, device_id: &str, stream_inputs: &[String]) -> Result<(), LinkError> {
         self.client.try_subscribe(topics::desired(device_id), QoS::AtLeastOnce)?;
         self.client.try_subscribe(topics::chunk_data(device_id), QoS::AtLeastOnce)?;
+        for filter in stream_inputs {
+            self.client.try_subscribe(filter.clone(), QoS::AtLeastOnce)?;
+        }
+        Ok(())
+    }
+
+    /// Publishes the stream's replies as they come, until the stream stops.
+    /// Replies are app data, not fleet messages: published as they are,
+    /// unsigned, at QoS 1, never retained. MQTT 3.1.1 has no correlation
+    /// data, so the reply carries the request's `id` field (see
+    /// `outpost_runtime::stream`).
+    pub fn publish_stream_replies(&self, replies: Receiver<OutMessage>, stats: Arc<StreamStats>) -> Result<(), LinkError> {
+        let client = self.client.clone();
+        std::thread::Builder::new()
+            .name("outpost-stream-out".into())
+            .spawn(move || {
+                for reply in replies {
+                    match client.try_publish(reply.topic, QoS::AtLeastOnce, false, reply.payload) {
+                        Ok(()) => stats.record_published(),
+                        Err(e) => {
+                            stats.record_publish_error();
+                            log::debug!("stream reply not published: {e}");
+                        }
+                    }
+                }
+            })
+            .map_err(LinkError::Spawn)?;
         Ok(())
     }
 
@@ -155,8 +164,56 @@ impl Link {
     }
 }
 
-/// A wait drawn uniformly from `[d/2, d]`.
-fn jittered(d: Duration) -> Duration {
+/// The agent's MQTT connection options: client id = device id, clean
+/// session, the protocol's packet limit, the retained offline last will,
+/// credentials and TLS. Public so the fleet simulator
+/// (`outpost-fleet simulate`) connects exactly as a device does.
+pub fn mqtt_options(config: &AgentConfig) -> Result<MqttOptions, LinkError> {
+    // The client id is the device id (the embedded broker and the
+    // mosquitto ACL pattern key on it).
+    let mut options = MqttOptions::new(config.device_id.clone(), config.broker.host.clone(), config.broker.port);
+    options.set_keep_alive(config.keep_alive);
+    options.set_clean_session(true);
+    let max_packet = Limits::default().max_packet_bytes();
+    options.set_max_packet_size(max_packet, max_packet);
+    options.set_last_will(LastWill::new(topics::state(&config.device_id), OFFLINE_WILL, QoS::AtLeastOnce, true));
+    if let Some(user) = &config.username {
+        options.set_credentials(user.clone(), config.password.clone().unwrap_or_default());
+    }
+    if config.broker.tls {
+        let transport = match (&config.ca_file, &config.client_cert, &config.client_key) {
+            (None, None, None) => Transport::tls_with_default_config(),
+            (ca, cert, key) => {
+                let read = |p: &std::path::PathBuf| {
+                    std::fs::read(p).map_err(|source| LinkError::Io { path: p.display().to_string(), source })
+                };
+                let client_auth = match (cert, key) {
+                    (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+                    _ => None,
+                };
+                match ca {
+                    Some(ca) => Transport::tls_with_config(TlsConfiguration::Simple { ca: read(ca)?, alpn: None, client_auth }),
+                    // A client certificate with the system's roots: rumqttc's
+                    // simple config needs a CA, so use the native roots' PEM
+                    // bundle where the distribution keeps it.
+                    None => {
+                        let ca = ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt"]
+                            .iter()
+                            .find_map(|p| std::fs::read(p).ok())
+                            .unwrap_or_default();
+                        Transport::tls_with_config(TlsConfiguration::Simple { ca, alpn: None, client_auth })
+                    }
+                }
+            }
+        };
+        options.set_transport(transport);
+    }
+    Ok(options)
+}
+
+/// A wait drawn uniformly from `[d/2, d]` (public for the fleet simulator,
+/// which reconnects its devices the same way).
+pub fn jittered(d: Duration) -> Duration {
     let mut b = [0u8; 4];
     let r = if getrandom::getrandom(&mut b).is_ok() { u32::from_le_bytes(b) as f64 / u32::MAX as f64 } else { 1.0 };
     d.mul_f64(0.5 + 0.5 * r)

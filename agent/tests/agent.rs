@@ -387,3 +387,72 @@ fn config_mistakes_stop_the_start_with_the_key() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost-agent")).arg("--version").output().unwrap();
     assert!(out.status.success());
 }
+
+/// The streaming mode inside the agent: an app publishes a reading on its
+/// own topic to the agent's broker and gets the prediction of the model the
+/// agent serves — from the same slot as HTTP, so an update reaches the
+/// stream too — and the stream's counters show on the agent's `/metrics`.
+#[test]
+fn streaming_mode_predicts_on_the_agents_connection() {
+    let d = "dev-stream";
+    let w = world(d);
+    let agent = w.setup(d).env("OUTPOST_STREAM_INPUTS", "sensors/+/reading").spawn();
+    agent.wait_http();
+    w.install_v1(&agent, d);
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut options = rumqttc::MqttOptions::new("stream-app", "127.0.0.1", w.broker.port);
+    options.set_keep_alive(Duration::from_secs(10));
+    let (app, mut connection) = rumqttc::Client::new(options, 16);
+    std::thread::spawn(move || {
+        for event in connection.iter() {
+            match event {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                    if tx.send((p.topic.clone(), p.payload.to_vec())).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    });
+    app.subscribe("sensors/+/reading/prediction", rumqttc::QoS::AtLeastOnce).unwrap();
+    let rows = outpost_runtime::dataset::read_csv(workspace().join("fixtures/data/bc_test.csv"), outpost_runtime::dataset::LabelColumn::Last)
+        .unwrap()
+        .rows;
+    let ask = |id: &str, row: &[f32]| -> serde_json::Value {
+        // Retried: the agent may still be subscribing after its connect.
+        for _ in 0..40 {
+            let body = serde_json::json!({"id": id, "features": row}).to_string();
+            app.publish("sensors/7/reading", rumqttc::QoS::AtLeastOnce, false, body).unwrap();
+            let deadline = Instant::now() + Duration::from_millis(500);
+            while let Ok((topic, payload)) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+                if topic == "sensors/7/reading/prediction" && v["id"] == id {
+                    return v;
+                }
+            }
+        }
+        panic!("no stream reply for {id}");
+    };
+    let v1 = ask("r1", &rows[0]);
+    assert_eq!(v1["model"]["version"], "1.0.0", "{v1}");
+    let (code, body) = agent.predict().unwrap();
+    let http_answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(v1["prediction"], http_answer["prediction"], "stream and HTTP agree: {v1} vs {http_answer}");
+    // A malformed reading gets an error reply, not silence or a crash.
+    app.publish("sensors/8/reading", rumqttc::QoS::AtLeastOnce, false, "{not json").unwrap();
+    // The update reaches the stream.
+    w.fleet.publish(&w.keys.signer, &directive(d, 2, &w.v2, 1));
+    agent.wait_version("2.0.0", T);
+    let v2 = ask("r2", &rows[0]);
+    assert_eq!(v2["model"]["version"], "2.0.0", "{v2}");
+    let (_, metrics) = http(agent.port, "GET", "/metrics", None).unwrap();
+    let count = |name: &str| {
+        metrics.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().last()).and_then(|v| v.parse::<f64>().ok())
+    };
+    assert!(count("outpost_stream_predictions_total").is_some_and(|n| n >= 2.0), "{metrics}");
+    assert!(count("outpost_stream_input_errors_total").is_some_and(|n| n >= 1.0), "{metrics}");
+}

@@ -7,12 +7,13 @@
 #   OUTPOST_BENCH_MESSAGES=20000 OUTPOST_BENCH_QOS=0 bench/stream/run.sh
 #   OUTPOST_BENCH_BURST=50000 OUTPOST_BENCH_QUEUE=1024 bench/stream/run.sh
 #
-# Prints one JSON line (times in microseconds). The benchmark is an ignored
-# test (runtime/tests/stream_latency.rs) built with --release.
+# Prints one JSON line (times in microseconds). The benchmark is
+# runtime/benches/stream_latency.rs (a plain `main`, built by cargo bench
+# with the release-like bench profile).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 command -v mosquitto >/dev/null || { echo "mosquitto not found (apt install mosquitto)" >&2; exit 1; }
 cd "$repo"
-cargo test --release -q -p outpost-runtime --test stream_latency -- --ignored --nocapture 2>&1 \
+cargo bench -q -p outpost-runtime --bench stream_latency 2>&1 \
   | grep '^{"bench"'

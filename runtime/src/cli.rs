@@ -35,6 +35,10 @@ pub struct ServeArgs {
     /// Seconds a client may stall mid-request (or idle on a keep-alive connection).
     #[arg(long, default_value_t = 30)]
     pub io_timeout_secs: u64,
+    /// Streaming over MQTT beside HTTP (`--mqtt URL --mqtt-in FILTER`).
+    #[cfg(feature = "mqtt")]
+    #[command(flatten)]
+    pub stream: outpost_runtime::stream::mqtt::MqttArgs,
 }
 
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -58,8 +62,21 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let deployed = load_for_serving(&args)?;
     let info = deployed.info().clone();
-    let server = Server::start(config, Arc::new(ModelSlot::with(deployed)))
-        .with_context(|| format!("serving on {}", args.listen))?;
+    let slot = Arc::new(ModelSlot::with(deployed));
+    // The stream predicts from the same slot as HTTP, and its counters show
+    // on the same /metrics.
+    #[cfg(feature = "mqtt")]
+    let stream = args.stream.start(slot.clone()).context("starting the MQTT stream")?;
+    #[cfg(feature = "mqtt")]
+    let extra: Vec<Box<dyn prometheus_client::collector::Collector>> =
+        stream.iter().map(|s| Box::new(s.stats().collector()) as Box<dyn prometheus_client::collector::Collector>).collect();
+    #[cfg(not(feature = "mqtt"))]
+    let extra = Vec::new();
+    let server = Server::start_with_metrics(config, slot, extra).with_context(|| format!("serving on {}", args.listen))?;
+    #[cfg(feature = "mqtt")]
+    if let (Some(_), Some(url)) = (&stream, &args.stream.mqtt) {
+        log::info!("predicting over MQTT too: {} on {}", args.stream.mqtt_in.join(", "), redact_url(url));
+    }
     log::info!(
         "serving {} {} (sha256 {}) on http://{}, ready {:.1} ms after start",
         info.name,
@@ -75,7 +92,23 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Err(e) => log::debug!("could not release start-up code: {e}"),
     }
     server.wait();
+    #[cfg(feature = "mqtt")]
+    if let Some(s) = stream {
+        s.shutdown();
+    }
     Ok(())
+}
+
+/// The URL without its password, for logs.
+#[cfg(feature = "mqtt")]
+fn redact_url(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, rest)), Some(_)) => match rest.split_once('@') {
+            Some((user, host)) => format!("{scheme}://{}@{host}", user.split(':').next().unwrap_or("")),
+            None => url.to_string(),
+        },
+        _ => url.to_string(),
+    }
 }
 
 /// Loads the model to serve: a plain model file as it is, a signed bundle

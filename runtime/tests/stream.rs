@@ -178,3 +178,61 @@ fn restart_on(port: u16) -> Broker {
     }
     panic!("could not restart mosquitto on port {port}");
 }
+
+/// `outpost-runtime serve --mqtt …`: the binary predicts on MQTT messages
+/// from the model it serves over HTTP, and the stream's counters show on
+/// the same `/metrics`.
+#[test]
+fn serve_with_mqtt_flag_predicts_over_both_transports() {
+    use std::io::{Read, Write};
+    let Some(broker) = Broker::start() else { return };
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_outpost-runtime"))
+        .args(["serve", "--model"])
+        .arg(fixture("bc_mlp.onnx"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--mqtt", &broker.url(), "--mqtt-in", "sensors/+/reading"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn outpost-runtime");
+    let get = |path: &str| -> Option<String> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        Some(text)
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    while !get("/ready").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
+        assert!(std::time::Instant::now() < deadline, "serve --mqtt never became ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let model = Model::load(fixture("bc_mlp.onnx"), &LoadOptions::default()).unwrap();
+    let rows = bc_rows();
+    let app = TestClient::connect(&broker, "serve-flag-app");
+    app.subscribe("sensors/+/reading/prediction");
+    // The stream subscribes once connected; retry the first message until
+    // an answer comes back.
+    let mut reply = None;
+    for _ in 0..20 {
+        app.publish("sensors/7/reading", json!({"id": "r1", "features": rows[0]}).to_string(), None, None);
+        if let Some(p) = app.next(Duration::from_millis(500)) {
+            reply = Some(p);
+            break;
+        }
+    }
+    let reply = reply.expect("a prediction over MQTT");
+    assert_eq!(topic_of(&reply), "sensors/7/reading/prediction");
+    let body = json_of(&reply);
+    assert_eq!(body["id"], "r1", "{body}");
+    assert_eq!(body["prediction"], json!(label_of(&model, &rows[0])), "{body}");
+    let metrics = get("/metrics").expect("metrics");
+    let predicted = metrics
+        .lines()
+        .find(|l| l.starts_with("outpost_stream_predictions_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(predicted.is_some_and(|n| n >= 1.0), "stream counters on /metrics: {predicted:?}");
+    let _ = child.kill();
+    let _ = child.wait();
+}

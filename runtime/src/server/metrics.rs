@@ -179,7 +179,11 @@ fn resident_memory_bytes() -> Option<u64> {
 }
 
 impl Metrics {
-    pub fn new(slot: Arc<ModelSlot>, queue_depth: Box<dyn Fn() -> usize + Send + Sync>) -> Metrics {
+    pub fn new(
+        slot: Arc<ModelSlot>,
+        queue_depth: Box<dyn Fn() -> usize + Send + Sync>,
+        extra: Vec<Box<dyn Collector>>,
+    ) -> Metrics {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register("outpost_http_requests", "HTTP requests answered, by endpoint and status code", requests.clone());
@@ -214,6 +218,9 @@ impl Metrics {
             batch_requests.clone(),
         );
         registry.register_collector(Box::new(StateCollector { slot, queue_depth }));
+        for collector in extra {
+            registry.register_collector(collector);
+        }
         Metrics {
             registry,
             requests,

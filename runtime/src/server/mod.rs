@@ -72,6 +72,17 @@ impl Server {
     /// server answers from the slot's model; an empty slot makes `/ready`
     /// and predictions answer 503 until a model is swapped in.
     pub fn start(config: ServerConfig, slot: Arc<ModelSlot>) -> Result<RunningServer, ServerError> {
+        Server::start_with_metrics(config, slot, Vec::new())
+    }
+
+    /// [`start`](Self::start), with more Prometheus collectors exposed on
+    /// `/metrics` beside the server's own — e.g. the MQTT stream's counters
+    /// of `serve --mqtt`, which serves the same slot over another transport.
+    pub fn start_with_metrics(
+        config: ServerConfig,
+        slot: Arc<ModelSlot>,
+        extra_metrics: Vec<Box<dyn prometheus_client::collector::Collector>>,
+    ) -> Result<RunningServer, ServerError> {
         config.validate().map_err(ServerError::Config)?;
         let addr = resolve(&config.listen)?;
         let listener = bind_listener(addr, &config)?;
@@ -84,7 +95,7 @@ impl Server {
         let batching = config.batching_enabled();
         let work = Arc::new(BoundedQueue::new(config.queue_capacity));
         let depth_of = work.clone();
-        let metrics = metrics::Metrics::new(slot.clone(), Box::new(move || depth_of.len()));
+        let metrics = metrics::Metrics::new(slot.clone(), Box::new(move || depth_of.len()), extra_metrics);
         let shared = Arc::new(Shared {
             jobs: BoundedQueue::new(config.queue_capacity),
             draining: Arc::new(AtomicUsize::new(0)),

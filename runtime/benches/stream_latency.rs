@@ -1,13 +1,12 @@
-//! Streaming latency benchmark (ignored by `cargo test`; run by
-//! `bench/stream/run.sh` in a release build): message round trips through
+//! Streaming latency benchmark (`cargo bench -p outpost-runtime --bench
+//! stream_latency`, or `bench/stream/run.sh`): message round trips through
 //! a loopback mosquitto — app → broker → stream → model → broker → app —
 //! one message in flight at a time, then a burst for throughput and drops.
 //!
 //! Knobs (environment): `OUTPOST_BENCH_MESSAGES` (default 5000),
 //! `OUTPOST_BENCH_QOS` (0 or 1, default 1), `OUTPOST_BENCH_BURST` (default 20000),
 //! `OUTPOST_BENCH_WORKERS` (default 1), `OUTPOST_BENCH_QUEUE` (default 64).
-#![cfg(feature = "mqtt")]
-
+#[path = "../tests/stream_support/mod.rs"]
 mod stream_support;
 
 use std::sync::Arc;
@@ -29,9 +28,7 @@ fn percentile(sorted: &[Duration], q: f64) -> f64 {
     sorted[ix].as_secs_f64() * 1e6
 }
 
-#[test]
-#[ignore = "benchmark: bench/stream/run.sh"]
-fn stream_round_trip_latency() {
+fn main() {
     let messages = env("OUTPOST_BENCH_MESSAGES", 5000);
     let burst = env("OUTPOST_BENCH_BURST", 20000);
     let qos_n = env("OUTPOST_BENCH_QOS", 1) as u8;
