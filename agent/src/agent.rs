@@ -247,7 +247,10 @@ impl Agent {
         if let Some(stream) = self.stream.take() {
             stream.shutdown();
         }
-        self.link.disconnect();
+        // Connected: wait for the goodbye to go out. Not connected: the
+        // broker already published the last will.
+        let wait = if self.connected { Duration::from_secs(2) } else { Duration::ZERO };
+        self.link.disconnect(&self.config.device_id, wait);
         log::info!("stopped");
     }
 

@@ -52,6 +52,8 @@ pub enum LinkError {
 /// The publishing half; events arrive on the receiver from [`Link::start`].
 pub struct Link {
     client: Client,
+    /// Set by the connection thread once our DISCONNECT went out.
+    goodbye: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
 }
 
 impl Link {
@@ -66,6 +68,8 @@ impl Link {
         // Room for a window of chunk requests plus telemetry bursts.
         let (client, mut connection) = Client::new(options, 512);
         let (min, max) = (config.reconnect_min, config.reconnect_max);
+        let goodbye = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let said_goodbye = goodbye.clone();
         std::thread::Builder::new()
             .name("outpost-mqtt".into())
             .spawn(move || {
@@ -93,6 +97,13 @@ impl Link {
                             }
                             _ => Some(LinkEvent::Message { topic: p.topic, payload: p.payload.to_vec() }),
                         },
+                        Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+                            let (flag, cv) = &*said_goodbye;
+                            *flag.lock().unwrap_or_else(|p| p.into_inner()) = true;
+                            cv.notify_all();
+                            // Stopping: no reconnect after our own goodbye.
+                            return;
+                        }
                         Ok(_) => None,
                         Err(e) => {
                             let wait = jittered(backoff);
@@ -113,7 +124,7 @@ impl Link {
                 }
             })
             .map_err(LinkError::Spawn)?;
-        Ok(Link { client })
+        Ok(Link { client, goodbye })
     }
 
     /// Subscribes to the device's retained desired topic and its chunk replies.
@@ -157,10 +168,16 @@ impl Link {
         Ok(())
     }
 
-    /// Says goodbye cleanly (the broker then does *not* publish the will;
-    /// the agent publishes its own final state first).
-    pub fn disconnect(&self) {
+    /// Says goodbye cleanly. The broker then does *not* publish the last
+    /// will, so the device first publishes the same retained "offline"
+    /// itself; then waits (up to `wait`) until the DISCONNECT is on the wire,
+    /// so that a process exiting right after loses neither.
+    pub fn disconnect(&self, device_id: &str, wait: Duration) {
+        let _ = self.client.try_publish(topics::state(device_id), QoS::AtLeastOnce, true, OFFLINE_WILL);
         let _ = self.client.try_disconnect();
+        let (flag, cv) = &*self.goodbye;
+        let guard = flag.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = cv.wait_timeout_while(guard, wait, |sent| !*sent);
     }
 }
 

@@ -37,9 +37,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config } => {
             let config = AgentConfig::load(config.as_deref(), |k| std::env::var(k).ok())?;
-            let (agent, _stop) = Agent::start(config).context("starting")?;
-            // State on disk is crash-safe at every step, so SIGTERM/SIGKILL
-            // need no handler: systemd's stop is as safe as a power cut.
+            let (agent, stop) = Agent::start(config).context("starting")?;
+            // State on disk is crash-safe at every step, so a SIGKILL or a
+            // power cut loses nothing. SIGTERM (systemd's stop) and SIGINT
+            // get a clean stop on top: requests already taken are answered,
+            // and the device says "offline" itself (a clean disconnect
+            // suppresses the broker's last will). A second signal exits at once.
+            let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
+                .context("installing the SIGTERM handler")?;
+            std::thread::Builder::new()
+                .name("outpost-signals".into())
+                .spawn(move || {
+                    let mut seen = signals.forever();
+                    if let Some(sig) = seen.next() {
+                        log::info!("signal {sig}: stopping");
+                        let _ = stop.send(outpost_agent::agent::Input::Stop);
+                    }
+                    if seen.next().is_some() {
+                        std::process::exit(1);
+                    }
+                })
+                .context("starting the signal thread")?;
             agent.run();
             Ok(())
         }

@@ -108,3 +108,117 @@ impl Trial {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Each way a trial ends, on the real fixture model: the serving
+    //! counters are fed as the HTTP server feeds them.
+    use super::*;
+    use outpost_runtime::bundle::{SelfTestVector, Tolerance};
+    use outpost_runtime::model::LoadOptions;
+    use outpost_runtime::tensor::TensorData;
+
+    fn fixture() -> Deployed {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/bc_mlp.onnx");
+        Deployed::load_file(path, &LoadOptions::default()).expect("fixture loads")
+    }
+
+    /// A self-test recorded from the model itself (passes), or with its
+    /// expected outputs shifted (fails).
+    fn self_test(model: &Deployed, shift: f32) -> SelfTest {
+        let row = TensorData::f32(vec![1, 30], (0..30).map(|i| i as f32 * 0.1).collect()).expect("row");
+        let mut expected = model.model().run(vec![row.clone()]).expect("runs");
+        for t in &mut expected {
+            if let outpost_runtime::tensor::TensorValues::F32(v) = &mut t.values {
+                v.iter_mut().for_each(|x| *x += shift);
+            }
+        }
+        SelfTest { tolerance: Tolerance::default(), vectors: vec![SelfTestVector { inputs: vec![row], expected }] }
+    }
+
+    fn params(duration_secs: u32) -> Probation {
+        Probation { duration_secs, max_error_rate: 0.05, max_latency_ratio: 5.0, min_requests: 20, max_boots: 3 }
+    }
+
+    #[test]
+    fn a_healthy_version_passes_when_the_time_is_up() {
+        let (new, previous) = (fixture(), fixture());
+        let mut trial = Trial::new(params(0), self_test(&new, 0.0), &new, Some(&previous));
+        for _ in 0..50 {
+            new.stats().record_ok(1, Duration::from_micros(100));
+        }
+        assert_eq!(trial.check(&new), Verdict::Pass);
+        let mut trial = Trial::new(params(3600), self_test(&new, 0.0), &new, Some(&previous));
+        assert_eq!(trial.check(&new), Verdict::Continue);
+    }
+
+    #[test]
+    fn a_failing_self_test_fails_the_trial() {
+        let new = fixture();
+        let mut trial = Trial::new(params(0), self_test(&new, 0.5), &new, None);
+        match trial.check(&new) {
+            Verdict::Fail(reason) => assert!(reason.contains("self-test"), "{reason}"),
+            v => panic!("{v:?}"),
+        }
+    }
+
+    #[test]
+    fn an_error_rate_above_the_limit_fails_only_after_min_requests() {
+        let new = fixture();
+        let mut trial = Trial::new(params(3600), self_test(&new, 0.0), &new, None);
+        // 3 failures in 10: 30%, but fewer than min_requests answered.
+        for i in 0..10 {
+            if i % 3 == 0 {
+                new.stats().record_failure(Duration::from_micros(100));
+            } else {
+                new.stats().record_ok(1, Duration::from_micros(100));
+            }
+        }
+        assert_eq!(trial.check(&new), Verdict::Continue);
+        for _ in 0..20 {
+            new.stats().record_ok(1, Duration::from_micros(100));
+        }
+        // 4 in 30 = 13% > 5%.
+        match trial.check(&new) {
+            Verdict::Fail(reason) => assert!(reason.contains("error rate"), "{reason}"),
+            v => panic!("{v:?}"),
+        }
+        // Bad input (4xx) is the caller's fault: not counted here (the
+        // fleet's rollout gate counts it against the version instead).
+        let other = fixture();
+        let mut trial = Trial::new(params(3600), self_test(&other, 0.0), &other, None);
+        for _ in 0..30 {
+            other.stats().record_input_error();
+            other.stats().record_ok(1, Duration::from_micros(100));
+        }
+        assert_eq!(trial.check(&other), Verdict::Continue);
+    }
+
+    #[test]
+    fn latency_far_above_the_previous_versions_fails_the_trial() {
+        let (new, previous) = (fixture(), fixture());
+        for _ in 0..100 {
+            previous.stats().record_ok(1, Duration::from_micros(200));
+        }
+        let mut trial = Trial::new(params(3600), self_test(&new, 0.0), &new, Some(&previous));
+        for _ in 0..30 {
+            new.stats().record_ok(1, Duration::from_micros(600));
+        }
+        // 3x slower: within the 5x ratio.
+        assert_eq!(trial.check(&new), Verdict::Continue);
+        for _ in 0..30 {
+            new.stats().record_ok(1, Duration::from_millis(20));
+        }
+        match trial.check(&new) {
+            Verdict::Fail(reason) => assert!(reason.contains("latency p99"), "{reason}"),
+            v => panic!("{v:?}"),
+        }
+        // Without figures of the previous version there is nothing to compare.
+        let lone = fixture();
+        let mut trial = Trial::new(params(3600), self_test(&lone, 0.0), &lone, None);
+        for _ in 0..30 {
+            lone.stats().record_ok(1, Duration::from_millis(20));
+        }
+        assert_eq!(trial.check(&lone), Verdict::Continue);
+    }
+}

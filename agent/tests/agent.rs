@@ -456,3 +456,28 @@ fn streaming_mode_predicts_on_the_agents_connection() {
     assert!(count("outpost_stream_predictions_total").is_some_and(|n| n >= 2.0), "{metrics}");
     assert!(count("outpost_stream_input_errors_total").is_some_and(|n| n >= 1.0), "{metrics}");
 }
+
+/// SIGTERM (systemd's stop): the agent exits 0 and says "offline" itself —
+/// a clean disconnect suppresses the broker's last will, so without it the
+/// fleet would keep showing a stopped device as serving.
+#[test]
+fn sigterm_stops_cleanly_and_says_offline() {
+    let d = "dev-sigterm";
+    let w = world(d);
+    let mut agent = w.setup(d).spawn();
+    agent.wait_http();
+    w.install_v1(&agent, d);
+    let offline_before = w.fleet.offline_seen.load(Ordering::SeqCst);
+    let status = std::process::Command::new("kill").args(["-TERM", &agent.child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let exit = loop {
+        if let Some(s) = agent.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the agent did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "exit status {exit:?}");
+    wait_for("the offline state", T, || w.fleet.offline_seen.load(Ordering::SeqCst) > offline_before);
+}

@@ -461,17 +461,19 @@ pub struct ServingStats {
 const LATENCY_BUCKETS: usize = 32;
 
 impl ServingStats {
-    pub(crate) fn record_ok(&self, rows: usize, latency: Duration) {
+    // Public for servers that embed the slot on another transport (and for
+    // the agent's probation tests); the HTTP server and the stream call these.
+    pub fn record_ok(&self, rows: usize, latency: Duration) {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.rows.fetch_add(rows as u64, Ordering::Relaxed);
         self.record_latency(latency);
     }
 
-    pub(crate) fn record_input_error(&self) {
+    pub fn record_input_error(&self) {
         self.input_errors.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn record_failure(&self, latency: Duration) {
+    pub fn record_failure(&self, latency: Duration) {
         self.failures.fetch_add(1, Ordering::Relaxed);
         self.record_latency(latency);
     }
