@@ -39,6 +39,7 @@ use outpost_runtime::stream::StreamCore;
 use crate::activation::{load_slot, switch_traffic, Trust};
 use crate::config::AgentConfig;
 use crate::download::{Download, DownloadError, Progress};
+use crate::fetch::{Fetch, FetchEvent};
 use crate::link::{Link, LinkEvent};
 use crate::notify::Notifier;
 use crate::probation::{Trial, Verdict};
@@ -57,6 +58,8 @@ const MAX_DOWNLOAD_ATTEMPTS: u32 = 3;
 #[derive(Debug)]
 pub enum Input {
     Link(LinkEvent),
+    /// Bytes (or a failure) from an HTTP(S) bundle fetch.
+    Fetch(crate::fetch::FetchEvent),
     /// Stop (SIGTERM handler, tests).
     Stop,
 }
@@ -87,6 +90,10 @@ pub struct Agent {
     connected: bool,
     status: Status,
     download: Option<Download>,
+    /// The HTTP(S) fetch feeding `download`, when its directive gives a URL.
+    fetch: Option<(Digest, Fetch)>,
+    /// To hand to fetch threads.
+    events: Sender<Input>,
     download_retry_at: Option<Instant>,
     download_attempts: u32,
     trial: Option<Trial>,
@@ -206,6 +213,8 @@ impl Agent {
             connected: false,
             status,
             download: None,
+            fetch: None,
+            events: tx.clone(),
             download_retry_at: None,
             download_attempts: 0,
             trial,
@@ -236,6 +245,7 @@ impl Agent {
             match self.inputs.recv_timeout(TICK) {
                 Ok(Input::Stop) => break,
                 Ok(Input::Link(event)) => self.on_link(event),
+                Ok(Input::Fetch(event)) => self.on_fetch(event),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
@@ -397,12 +407,13 @@ impl Agent {
             self.config.chunk_timeout,
         ) {
             Ok(d) => {
-                if directive.url.is_some() {
-                    log::info!("directive gives a URL; fetching over MQTT chunks (same checks)");
+                if let Some(url) = d.over_http() {
+                    log::info!("fetching {} from {url}", directive.id());
                 }
                 self.download = Some(d);
                 self.download_retry_at = None;
                 self.set_status(Status::Downloading);
+                self.start_fetch();
             }
             Err(e) => self.fail(format!("cannot start the download: {e}")),
         }
@@ -417,7 +428,51 @@ impl Agent {
                 return;
             }
         };
-        match download.on_reply(reply) {
+        let result = download.on_reply(reply);
+        self.after_progress(result);
+    }
+
+    /// Starts fetching the current download's URL from its resume point,
+    /// unless a fetch for it runs already (or it has no URL).
+    fn start_fetch(&mut self) {
+        let Some(d) = self.download.as_ref() else { return };
+        let Some(url) = d.over_http() else { return };
+        if self.fetch.as_ref().is_some_and(|(b, _)| b == d.bundle()) {
+            return;
+        }
+        let (from, size) = d.progress();
+        match Fetch::start(url, *d.bundle(), from, size, self.events.clone()) {
+            Ok(f) => self.fetch = Some((*d.bundle(), f)),
+            Err(e) => log::error!("cannot start the fetch thread: {e}"),
+        }
+    }
+
+    fn on_fetch(&mut self, event: FetchEvent) {
+        match event {
+            FetchEvent::Bytes { bundle, offset, bytes } => {
+                let Some(download) = self.download.as_mut().filter(|d| d.bundle() == &bundle) else { return };
+                let result = download.on_bytes(offset, &bytes);
+                let written = download.progress().0;
+                if let Some((_, f)) = &self.fetch {
+                    f.accepted(written);
+                }
+                self.after_progress(result);
+            }
+            FetchEvent::Failed { bundle, reason } => {
+                if self.fetch.as_ref().is_some_and(|(b, _)| *b == bundle) {
+                    self.fetch = None;
+                    log::warn!("{reason}; fetching again in {RETRY_UNAVAILABLE:?} from the last verified byte");
+                    self.download_retry_at = Some(Instant::now() + RETRY_UNAVAILABLE);
+                    self.slots_error(format!("download paused: {reason}"));
+                }
+            }
+        }
+    }
+
+    /// What a piece of a download (a chunk or fetched bytes) led to.
+    fn after_progress(&mut self, result: Result<Progress, DownloadError>) {
+        let Some(download) = self.download.as_mut() else { return };
+        match result {
             Ok(Progress::Ignored) => {}
             // Progress goes out with the state at the next telemetry tick.
             Ok(Progress::Advanced) => {}
@@ -533,8 +588,18 @@ impl Agent {
                 Verdict::Fail(reason) => self.roll_back(reason),
             }
         }
-        // Download requests.
-        if self.connected && self.download_retry_at.is_none_or(|t| Instant::now() >= t) {
+        // A fetch belongs to the download it was started for.
+        if self.fetch.as_ref().is_some_and(|(b, _)| self.download.as_ref().is_none_or(|d| d.bundle() != b)) {
+            self.fetch = None;
+        }
+        let retry_due = self.download_retry_at.is_none_or(|t| Instant::now() >= t);
+        // Over HTTP(S): (re)start the fetch; no chunk requests.
+        if self.download.as_ref().is_some_and(|d| d.over_http().is_some()) {
+            if retry_due && self.fetch.is_none() {
+                self.download_retry_at = None;
+                self.start_fetch();
+            }
+        } else if self.connected && retry_due {
             if let Some(d) = self.download.as_mut() {
                 self.download_retry_at = None;
                 let requests = d.requests();

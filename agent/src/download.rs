@@ -14,6 +14,11 @@
 //! continues. A `.part.for` file next to it names the bundle the part
 //! belongs to, so a part of another bundle is discarded, not resumed.
 //!
+//! **Sources.** Chunks over MQTT ([`Download::requests`] /
+//! [`Download::on_reply`]), or — when the signed directive gives a `url` —
+//! an HTTP(S) body read by [`crate::fetch`] ([`Download::on_bytes`]). Both
+//! feed the same checks; the URL earns no trust.
+//!
 //! **Flow control.** At most `chunks_in_flight` requests are outstanding;
 //! replies that arrive out of order wait (bounded by the same window) until
 //! the gap is filled; a window with no progress for `chunk_timeout` is asked
@@ -252,16 +257,44 @@ impl Download {
             self.pending.insert(offset, bytes);
             return Ok(Progress::Ignored);
         }
+        let before = self.written;
         self.accept(&bytes)?;
         while let Some(next) = self.pending.remove(&self.written) {
             self.accept(&next)?;
         }
+        self.advanced_from(before)
+    }
+
+    /// Takes bytes read from the directive's URL (see [`crate::fetch`]):
+    /// only the ones that continue the file are used.
+    pub fn on_bytes(&mut self, offset: u64, bytes: &[u8]) -> Result<Progress, DownloadError> {
+        if offset != self.written || bytes.is_empty() {
+            return Ok(Progress::Ignored);
+        }
+        if self.written + bytes.len() as u64 > self.directive.bundle_size {
+            return Err(DownloadError::Mismatch(format!(
+                "the server sent more than the signed {} bytes",
+                self.directive.bundle_size
+            )));
+        }
+        let before = self.written;
+        self.accept(bytes)?;
+        self.advanced_from(before)
+    }
+
+    /// Whether this download reads the directive's URL instead of chunks.
+    pub fn over_http(&self) -> Option<&str> {
+        self.directive.url.as_deref()
+    }
+
+    /// After bytes were accepted from `before` on: complete, or advanced
+    /// (fsync and the test hook once past the middle).
+    fn advanced_from(&mut self, before: u64) -> Result<Progress, DownloadError> {
         self.last_progress = Instant::now();
         if self.written == self.directive.bundle_size {
             return Ok(Progress::Complete);
         }
         let half = self.directive.bundle_size / 2;
-        let before = self.written - bytes.len() as u64;
         if self.written >= half && before < half {
             self.sync()?;
             crate::test_hooks::pause_at("download");

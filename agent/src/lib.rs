@@ -10,6 +10,7 @@
 //! - [`config`]: `agent.toml` and `OUTPOST_<KEY>` variables.
 //! - [`link`]: the MQTT connection (last will, backoff, resubscribe).
 //! - [`download`]: chunked, resumable, verified-as-it-arrives downloads.
+//! - [`fetch`]: the same download from a directive's HTTP(S) URL.
 //! - [`slots`]: A/B slots and the state file — every disk write, and the
 //!   crash-safety argument.
 //! - [`activation`]: load + self-test, and the atomic traffic switch.
@@ -25,6 +26,7 @@ pub mod activation;
 pub mod agent;
 pub mod config;
 pub mod download;
+pub mod fetch;
 pub mod link;
 pub mod notify;
 pub mod probation;
