@@ -198,6 +198,9 @@ pub fn mqtt_options(config: &AgentConfig) -> Result<MqttOptions, LinkError> {
         options.set_credentials(user.clone(), config.password.clone().unwrap_or_default());
     }
     if config.broker.tls {
+        // ring is the process's one rustls provider (see the workspace
+        // Cargo.toml); installing it twice is a harmless no-op.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let transport = match (&config.ca_file, &config.client_cert, &config.client_key) {
             (None, None, None) => Transport::tls_with_default_config(),
             (ca, cert, key) => {

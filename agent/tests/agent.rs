@@ -21,7 +21,10 @@ struct World {
 }
 
 fn world(device: &str) -> World {
-    let broker = Broker::start();
+    world_on(Broker::start(), device)
+}
+
+fn world_on(broker: Broker, device: &str) -> World {
     let keys = Keys::new();
     let fleet = Fleet::start(broker.port, device, keys.device.public_key());
     let v1 = make_bundle(&keys, "bc_mlp.onnx", "bc", "1.0.0", 1);
@@ -587,4 +590,30 @@ fn url_download_resumes_and_is_verified_like_chunks() {
     let resumed_at = requests[1].as_deref().and_then(|r| r.strip_prefix("bytes=")).and_then(|r| r.trim_end_matches('-').parse::<u64>().ok());
     assert!(resumed_at.is_some_and(|o| o > 0), "the second GET resumes: {requests:?}");
     assert_eq!(w.fleet.stats.served.lock().unwrap().len(), chunks_before, "no chunk went over MQTT");
+}
+
+/// `mqtts://` with the broker's CA pinned in `ca_file`: the agent connects
+/// over TLS (rustls), receives a signed update and serves it; an agent that
+/// does not trust the broker's CA never talks to it.
+#[test]
+fn mqtts_with_a_pinned_ca() {
+    let d = "dev-tls";
+    let w = world_on(Broker::start_with_tls(), d);
+    let (tls_port, ca) = w.broker.tls.clone().unwrap();
+    let tls_url = format!("mqtts://127.0.0.1:{tls_port}");
+    let agent = w.setup(d).env("OUTPOST_BROKER", &tls_url).env("OUTPOST_CA_FILE", ca.to_str().unwrap()).spawn();
+    agent.wait_http();
+    w.install_v1(&agent, d);
+    assert_eq!(agent.predict().unwrap().0, 200);
+
+    // Same broker, no CA pinned: the system roots do not know the test CA.
+    let untrusted = "dev-tls-untrusted";
+    let setup = w.setup(untrusted).env("OUTPOST_BROKER", &tls_url);
+    let other = setup.spawn();
+    other.wait_http();
+    let log = setup.state_dir.parent().unwrap().join(format!("{untrusted}-agent.log"));
+    wait_for("a certificate error in the log", T, || {
+        std::fs::read_to_string(&log).unwrap_or_default().to_ascii_lowercase().contains("certificate")
+    });
+    assert!(w.fleet.state(untrusted).is_none(), "an agent that does not trust the broker published nothing");
 }

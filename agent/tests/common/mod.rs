@@ -50,6 +50,9 @@ pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 /// mosquitto on 127.0.0.1:PORT, anonymous, no persistence. Killed on drop.
 pub struct Broker {
     pub port: u16,
+    /// A second, TLS listener (`Broker::start_with_tls`): its port and the
+    /// CA certificate that signed the broker's certificate.
+    pub tls: Option<(u16, PathBuf)>,
     dir: tempfile::TempDir,
     child: Option<Child>,
 }
@@ -57,18 +60,52 @@ pub struct Broker {
 impl Broker {
     pub fn start() -> Broker {
         let dir = tempfile::tempdir().unwrap();
-        let mut b = Broker { port: free_port(), dir, child: None };
+        let mut b = Broker { port: free_port(), tls: None, dir, child: None };
+        b.spawn();
+        b
+    }
+
+    /// Plain listener plus a TLS one, with a CA and a server certificate
+    /// for 127.0.0.1 made by `openssl` for this broker alone.
+    pub fn start_with_tls() -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl").args(args).current_dir(dir.path()).output().expect("openssl must be installed");
+            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        openssl(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=outpost test CA"]);
+        openssl(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]);
+        std::fs::write(dir.path().join("san.ext"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").unwrap();
+        openssl(&[
+            "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.pem", "-days", "2",
+            "-extfile", "san.ext",
+        ]);
+        // mosquitto started as root drops to its own user, which must be
+        // able to read these (test-only keys).
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        for f in ["ca.pem", "server.pem", "server.key"] {
+            std::fs::set_permissions(dir.path().join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        let ca = dir.path().join("ca.pem");
+        let mut b = Broker { port: free_port(), tls: Some((free_port(), ca)), dir, child: None };
         b.spawn();
         b
     }
 
     fn spawn(&mut self) {
         let conf = self.dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!("listener {} 127.0.0.1\nallow_anonymous true\npersistence false\n", self.port),
-        )
-        .unwrap();
+        let mut text = format!("per_listener_settings false\nallow_anonymous true\npersistence false\nlistener {} 127.0.0.1\n", self.port);
+        if let Some((port, _)) = &self.tls {
+            let d = self.dir.path();
+            text.push_str(&format!(
+                "listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
+                d.join("ca.pem").display(),
+                d.join("server.pem").display(),
+                d.join("server.key").display()
+            ));
+        }
+        std::fs::write(&conf, text).unwrap();
         let child = Command::new("mosquitto")
             .arg("-c")
             .arg(&conf)

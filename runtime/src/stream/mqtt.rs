@@ -280,6 +280,9 @@ impl MqttStream {
             options.set_credentials(user.clone(), addr.password.clone().unwrap_or_default());
         }
         if addr.tls {
+            // ring is the process's one rustls provider (see the workspace
+            // Cargo.toml); installing it twice is a harmless no-op.
+            let _ = rustls::crypto::ring::default_provider().install_default();
             options.set_transport(rumqttc::Transport::tls_with_default_config());
         }
         // Small packets both ways (a publish, its ack, the reply): with
