@@ -7,6 +7,9 @@ set -euo pipefail
 need_apt=()
 command -v mosquitto >/dev/null 2>&1 || need_apt+=(mosquitto mosquitto-clients)
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+# The demo drives the fleet's JSON API with curl and jq.
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+command -v jq >/dev/null 2>&1 || need_apt+=(jq)
 # Headless browser for the fleet dashboard's test.
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
