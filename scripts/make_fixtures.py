@@ -313,7 +313,8 @@ def build_bc_onnx(out: Path, manifest: dict):
     )
     from skl2onnx import convert_sklearn
     from skl2onnx.common.data_types import FloatTensorType
-    from sklearn.ensemble import GradientBoostingClassifier
+    from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
     from sklearn.neural_network import MLPClassifier
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
@@ -339,6 +340,22 @@ def build_bc_onnx(out: Path, manifest: dict):
                 ("gb", GradientBoostingClassifier(n_estimators=50, max_depth=3, random_state=SEED)),
             ]),
             "breast cancer: StandardScaler + GradientBoostingClassifier(n_estimators=50, max_depth=3), "
+            "skl2onnx default options (ZipMap kept)",
+        ),
+        "bc_logreg.onnx": (
+            Pipeline([
+                ("scaler", StandardScaler()),
+                ("logreg", LogisticRegression(max_iter=1000, random_state=SEED)),
+            ]),
+            "breast cancer: StandardScaler + LogisticRegression(max_iter=1000), "
+            "skl2onnx default options (ZipMap kept)",
+        ),
+        "bc_rf.onnx": (
+            Pipeline([
+                ("scaler", StandardScaler()),
+                ("rf", RandomForestClassifier(n_estimators=30, max_depth=6, random_state=SEED)),
+            ]),
+            "breast cancer: StandardScaler + RandomForestClassifier(n_estimators=30, max_depth=6), "
             "skl2onnx default options (ZipMap kept)",
         ),
     }
@@ -384,7 +401,7 @@ def build_bc_onnx(out: Path, manifest: dict):
         "op_types_to_quantize=[MatMul, Add] (biases as int32 DequantizeLinear); ZipMap kept",
     }
 
-    for fname in ("bc_mlp.onnx", "bc_gb.onnx", "bc_mlp_int8.onnx", "bc_mlp_qdq.onnx"):
+    for fname in ("bc_mlp.onnx", "bc_gb.onnx", "bc_logreg.onnx", "bc_rf.onnx", "bc_mlp_int8.onnx", "bc_mlp_qdq.onnx"):
         path = out / fname
         write_json(out / f"{path.name}.expected.json", ort_expected(path, {"features": Xte[:N_EXPECTED]}))
         pred = ort_predict_labels(path, "features", Xte)
@@ -743,7 +760,7 @@ def finish_manifest(out: Path, manifest: dict, tf_summary: dict | None):
         info["size_bytes"] = p.stat().st_size
         info["sha256"] = sha256(p)
         info["expected"] = f"{p.name}.expected.json"
-    order = ["bc_mlp.onnx", "bc_gb.onnx", "bc_mlp_int8.onnx", "bc_mlp_qdq.onnx", "digits_cnn.onnx",
+    order = ["bc_mlp.onnx", "bc_gb.onnx", "bc_logreg.onnx", "bc_rf.onnx", "bc_mlp_int8.onnx", "bc_mlp_qdq.onnx", "digits_cnn.onnx",
              "digits_cnn_int8.onnx", "digits_cnn.tflite", "digits_cnn_fp16.tflite",
              "digits_cnn_int8.tflite", "bc_mlp_prelu.tflite"]
     manifest["models"] = {k: manifest["models"][k] for k in order if k in manifest["models"]}

@@ -715,8 +715,7 @@ impl Agent {
     }
 
     fn fail(&mut self, reason: String) {
-        let mut reason = reason;
-        reason.truncate(self.limits.text_bytes as usize - 16);
+        let reason = self.fit_text(reason);
         let _ = self.slots.update(|s| s.last_error = Some(reason));
         if self.trial.is_none() && self.download.is_none() {
             self.set_status(Status::Failed);
@@ -724,9 +723,13 @@ impl Agent {
         self.state_dirty = true;
     }
 
+    /// Cut to what a state message may carry.
+    fn fit_text(&self, text: String) -> String {
+        cut_at_char_boundary(text, (self.limits.text_bytes as usize).saturating_sub(16))
+    }
+
     fn slots_error(&mut self, reason: String) {
-        let mut reason = reason;
-        reason.truncate(self.limits.text_bytes as usize - 16);
+        let reason = self.fit_text(reason);
         let _ = self.slots.update(|s| s.last_error = Some(reason));
         self.state_dirty = true;
     }
@@ -811,4 +814,29 @@ fn file_sha256(path: &std::path::Path) -> Option<Digest> {
         h.update(&buf[..n]);
     }
     Some(Digest(h.finalize().into()))
+}
+
+/// `text` cut to at most `max` bytes on a character boundary: a reason may
+/// quote a URL or a server's words in any script, and `String::truncate`
+/// panics inside a character.
+fn cut_at_char_boundary(mut text: String, max: usize) -> String {
+    let mut end = max.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cut_at_char_boundary;
+
+    #[test]
+    fn reasons_are_cut_on_character_boundaries() {
+        assert_eq!(cut_at_char_boundary("ab€cd".into(), 3), "ab");
+        assert_eq!(cut_at_char_boundary("ab€cd".into(), 5), "ab€");
+        assert_eq!(cut_at_char_boundary("short".into(), 100), "short");
+        assert_eq!(cut_at_char_boundary("日本語".into(), 0), "");
+    }
 }

@@ -14,6 +14,13 @@
 //! | POST `/v1/publish` | ✓ | `{"name","version","model":ID,"train_data":ID,"test_data":ID,"min_accuracy"}` → 201 report; 422/409 refusal |
 //! | POST `/v1/deploy` | ✓ | `{"target":"NAME@VERSION","devices":[…]}` → `{"deployed":[…]}` |
 //! | GET `/v1/audit?limit=N` | ✓ | newest audit entries first |
+//! | GET `/v1/drift/{name}/{version}?scope=recent\|lifetime` | ✓ | the fleet's drift view of a version (see [`crate::fleet_view`]) |
+//! | GET `/` , `/dashboard` | – | the dashboard page (no data in it; it asks the API with the token from its URL fragment) |
+//! | POST `/v1/rollouts` | ✓ | `{"target":"NAME@VERSION","tags"?,"stages":[1,10,50,100],"bake":"10m", gates…,"on_failure"?}` → 201 status; 409 while the model has a live rollout |
+//! | GET `/v1/rollouts` | ✓ | `{"rollouts":[…]}`, newest first |
+//! | GET `/v1/rollouts/{id}` | ✓ | status: `id`, `model`, `version`, `state`, `stage`, `reason`, `stages[]` with devices and gates |
+//! | POST `/v1/rollouts/{id}/pause` \| `resume` \| `abort` | ✓ | the new status; 409 when the state does not allow it |
+//! | POST `/v1/rollback` | ✓ | `{"model","to","tags"?,"devices"?}` → `{"targeted":N,"devices":[…]}` |
 //!
 //! Errors are `{"error":{"code":…,"message":…}}`, as on devices:
 //! 400 `bad_request` (malformed JSON), 401 `unauthorized`, 404 `not_found`,
@@ -40,6 +47,8 @@ use crate::bundles::unique;
 use crate::directives::parse_target;
 use crate::provisioning::{provision, ProvisionError, ProvisionRequest};
 use crate::publish::{PublishError, PublishRequest};
+use crate::rollout::machine::Command as RolloutCommand;
+use crate::rollout::{RollbackRequest, RolloutError, StartRequest};
 use crate::server::Fleet;
 
 /// Largest JSON request body.
@@ -138,6 +147,9 @@ fn route(fleet: &Fleet, req: &mut Request) -> Reply {
                 Some(reason) => Reply::json(503, json!({"status": "not ready", "reason": reason})),
             }
         }
+        (Method::Get, "" | "/dashboard") => {
+            return Reply { status: 200, body: crate::dashboard::PAGE.as_bytes().to_vec(), content_type: "text/html; charset=utf-8" }
+        }
         (Method::Get, "/metrics") => {
             return Reply {
                 status: 200,
@@ -161,10 +173,22 @@ fn route(fleet: &Fleet, req: &mut Request) -> Reply {
     let actor = actor(req);
     let segments: Vec<&str> = path.trim_start_matches("/v1/").split('/').collect();
     match (&method, segments.as_slice()) {
-        (Method::Get, ["devices"]) => match fleet.registry.devices() {
-            Ok(devices) => Reply::ok(200, &json!({ "devices": devices })),
+        (Method::Get, ["devices"]) => match crate::fleet_view::devices_json(fleet) {
+            Ok(v) => Reply::json(200, v),
             Err(e) => error(500, "internal", &e.to_string()),
         },
+        (Method::Get, ["drift", name, version]) => {
+            let scope = match query_param(query, "scope") {
+                None | Some("recent") => crate::observations::Scope::Recent,
+                Some("lifetime") => crate::observations::Scope::Lifetime,
+                Some(other) => return error(422, "invalid", &format!("scope {other:?}: use recent or lifetime")),
+            };
+            match crate::fleet_view::drift_view(&fleet.observations, name, version, scope) {
+                Ok(v) => Reply::json(200, v),
+                Err(e @ crate::fleet_view::ViewError::UnknownVersion(_)) => error(404, "not_found", &e.to_string()),
+                Err(e) => error(500, "internal", &e.to_string()),
+            }
+        }
         (Method::Get, ["devices", id]) => match (fleet.registry.device(id), fleet.registry.directive(id)) {
             (Ok(Some(d)), Ok(directive)) => Reply::ok(200, &json!({"device": d, "directive": directive})),
             (Ok(None), _) => error(404, "not_found", &format!("no device {id}")),
@@ -199,12 +223,38 @@ fn route(fleet: &Fleet, req: &mut Request) -> Reply {
         (Method::Post, ["uploads"]) => upload(fleet, req, query, &actor),
         (Method::Post, ["publish"]) => publish(fleet, req, &actor),
         (Method::Post, ["deploy"]) => deploy(fleet, req, &actor),
+        (Method::Post, ["rollouts"]) => rollout_start(fleet, req, &actor),
+        (Method::Get, ["rollouts"]) => match fleet.rollouts.list(fleet) {
+            Ok(all) => Reply::ok(200, &json!({ "rollouts": all })),
+            Err(e) => rollout_error(&e),
+        },
+        (Method::Get, ["rollouts", id]) => match fleet.rollouts.status(fleet, id) {
+            Ok(v) => Reply::json(200, v),
+            Err(e) => rollout_error(&e),
+        },
+        (Method::Post, ["rollouts", id, verb @ ("pause" | "resume" | "abort")]) => {
+            let cmd = match *verb {
+                "pause" => RolloutCommand::Pause,
+                "resume" => RolloutCommand::Resume,
+                _ => RolloutCommand::Abort,
+            };
+            let result = fleet.rollouts.command(fleet, id, cmd);
+            fleet.audit(&actor, &format!("rollout_{verb}"), id, &result.as_ref().map(|_| "ok".to_string()).unwrap_or_else(|e| format!("refused: {e}")));
+            match result {
+                Ok(v) => Reply::json(200, v),
+                Err(e) => rollout_error(&e),
+            }
+        }
+        (Method::Post, ["rollback"]) => rollback(fleet, req, &actor),
         (Method::Get, ["audit"]) => {
             let limit = query_param(query, "limit").and_then(|v| v.parse().ok()).unwrap_or(100usize).min(10_000);
             match fleet.registry.audit_log(limit) {
                 Ok(a) => Reply::ok(200, &json!({ "audit": a })),
                 Err(e) => error(500, "internal", &e.to_string()),
             }
+        }
+        (_, ["rollouts"] | ["rollouts", _] | ["rollouts", _, "pause" | "resume" | "abort"] | ["rollback"]) => {
+            error(405, "method_not_allowed", &format!("{method} is not allowed on {path}"))
         }
         (_, ["devices"] | ["devices", _] | ["models"] | ["uploads"] | ["publish"] | ["deploy"] | ["audit"]) => {
             error(405, "method_not_allowed", &format!("{method} is not allowed on {path}"))
@@ -379,6 +429,50 @@ fn deploy(fleet: &Fleet, req: &mut Request, actor: &str) -> Reply {
             } else {
                 error(500, "internal", &e.to_string())
             }
+        }
+    }
+}
+
+fn rollout_error(e: &RolloutError) -> Reply {
+    let (status, code) = e.status();
+    error(status, code, &e.to_string())
+}
+
+fn rollout_start(fleet: &Fleet, req: &mut Request, actor: &str) -> Reply {
+    let body: StartRequest = match read_json(req) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let what = body
+        .target
+        .clone()
+        .unwrap_or_else(|| format!("{}@{}", body.model.as_deref().unwrap_or("?"), body.version.as_deref().unwrap_or("?")));
+    match fleet.rollouts.start(fleet, &body) {
+        Ok(v) => {
+            fleet.audit(actor, "rollout_start", &what, &format!("ok: {}", v["id"].as_str().unwrap_or("?")));
+            Reply::json(201, v)
+        }
+        Err(e) => {
+            fleet.audit(actor, "rollout_start", &what, &format!("refused: {e}"));
+            rollout_error(&e)
+        }
+    }
+}
+
+fn rollback(fleet: &Fleet, req: &mut Request, actor: &str) -> Reply {
+    let body: RollbackRequest = match read_json(req) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let what = format!("{} to {}", body.model, body.to);
+    match fleet.rollouts.rollback(fleet, &body) {
+        Ok(v) => {
+            fleet.audit(actor, "rollback", &what, &format!("ok: {} device(s)", v["targeted"]));
+            Reply::json(200, v)
+        }
+        Err(e) => {
+            fleet.audit(actor, "rollback", &what, &format!("refused: {e}"));
+            rollout_error(&e)
         }
     }
 }

@@ -34,7 +34,7 @@
 //! | setting | value | why |
 //! |---|---|---|
 //! | `router.max_connections` | `broker.max_connections` (12,000) | 10,000 devices plus a margin; rumqttd preallocates its connection slabs to this size |
-//! | `router.max_segment_size` / `max_segment_count` | 128 KiB × 1 | per subscription filter; a device's filters carry a directive and one chunk at a time, and rumqttd keeps every filter's log in memory |
+//! | `router.max_segment_size` / `max_segment_count` | 128 KiB × 1 | per subscription filter; must hold a device's whole chunk window (the agent asks for up to 8 × 32 KiB at once, and rumqttd appends up to 500 messages before delivering any — a smaller segment drops replies not yet read); the log is never emptied, so each device keeps up to this much of its last download in memory |
 //! | fleet wildcard filters (custom segment) | 8 MiB × 4 | the fleet's own `devices/+/…` subscriptions absorb bursts from every device |
 //! | `router.max_outgoing_packet_count` | 200 | packets per connection per scheduling round (rumqttd default) |
 //! | `connections.max_payload_size` | the protocol's largest message (~1 MiB) | a 1 MiB sketch or chunk reply plus framing; larger packets close the connection (buffers grow to it only when used) |
@@ -43,7 +43,17 @@
 //! | `next_connection_delay_ms` | 0 | rumqttd sleeps this long after each accept; any delay caps reconnect storms at 1,000 devices/s |
 //!
 //! Fixed by rumqttd, not configurable: per connection about 2 × 10 KiB
-//! network buffers and two 200-slot packet queues.
+//! network buffers and two 200-slot packet queues. The network buffers grow
+//! to a connection's largest burst and never shrink.
+//!
+//! # Where it stops being the right default
+//!
+//! Measured with `bench/fleet/run.sh` (figures in `bench/fleet/results.md`):
+//! after a rollout the process holds about 3 × the bundle per device (the
+//! chunk log above plus the grown write buffer), so 2,000 devices and a
+//! 100 KiB model peak at 857 MiB; at 10,000 devices the single router thread
+//! does not keep up with connects and telemetry. Up to a few hundred
+//! devices it is the simple choice; above that, use mosquitto.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};

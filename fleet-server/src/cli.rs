@@ -238,6 +238,11 @@ pub fn devices(args: &ListArgs) -> anyhow::Result<String> {
                         d["status"].as_str().unwrap_or("unknown").to_string(),
                         model,
                         age(&d["last_seen"]),
+                        match (d["drift"]["drift"].as_bool(), d["drift"]["flagged"].as_array()) {
+                            (Some(true), Some(f)) => format!("DRIFT {}", f.iter().map(s).collect::<Vec<_>>().join(",")),
+                            (Some(false), _) => "ok".into(),
+                            _ => "-".into(),
+                        },
                         s(&d["last_error"]),
                     ]
                 })
@@ -245,7 +250,7 @@ pub fn devices(args: &ListArgs) -> anyhow::Result<String> {
         })
         .unwrap_or_default();
     let n = rows.len();
-    Ok(format!("{}\n{n} device(s)", table(&["DEVICE", "TAGS", "STATUS", "MODEL", "LAST SEEN", "LAST ERROR"], &rows)))
+    Ok(format!("{}\n{n} device(s)", table(&["DEVICE", "TAGS", "STATUS", "MODEL", "LAST SEEN", "DRIFT", "LAST ERROR"], &rows)))
 }
 
 pub fn models(args: &ListArgs) -> anyhow::Result<String> {
@@ -349,4 +354,332 @@ pub fn audit(args: &AuditArgs) -> anyhow::Result<String> {
         .map(|a| a.iter().map(|e| vec![age(&e["at"]), s(&e["actor"]), s(&e["action"]), s(&e["target"]), s(&e["result"])]).collect())
         .unwrap_or_default();
     Ok(table(&["WHEN", "ACTOR", "ACTION", "TARGET", "RESULT"], &rows))
+}
+
+// ----- rollouts and rollback -----
+
+/// What a failed gate does (`--on-failure`).
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum OnFailureArg {
+    /// Stop the rollout; the canaries keep the new version.
+    Halt,
+    /// Stop and send every canary back to the version it had.
+    Rollback,
+}
+
+fn duration_arg(s: &str) -> Result<String, String> {
+    crate::rollout::parse_duration(s).map(|_| s.to_string())
+}
+
+fn percent_arg(s: &str) -> Result<u32, String> {
+    let n: u32 = s.trim().trim_end_matches('%').parse().map_err(|_| format!("{s:?} is not a percent (1..=100)"))?;
+    if !(1..=100).contains(&n) {
+        return Err(format!("{n}% is not in 1..=100"));
+    }
+    Ok(n)
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RolloutArgs {
+    #[command(subcommand)]
+    pub command: RolloutCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum RolloutCommand {
+    /// Start a staged canary rollout of NAME@VERSION; prints its id.
+    #[command(long_about = ROLLOUT_START_HELP)]
+    Start(RolloutStartArgs),
+    /// One rollout: state, stage, and per stage its devices and gate values.
+    Status(RolloutIdArgs),
+    /// Every rollout, newest first.
+    List(ListArgs),
+    /// Hold the rollout at its current stage (gates keep running: a failing one still halts it).
+    Pause(RolloutIdArgs),
+    /// Let a paused rollout go on to its next stage.
+    Resume(RolloutIdArgs),
+    /// Stop the rollout for good; with --on-failure rollback (the default) its canaries go back.
+    Abort(RolloutIdArgs),
+}
+
+const ROLLOUT_START_HELP: &str = "\
+Start a staged canary rollout of NAME@VERSION (a published version).
+
+The targeted devices (every device, or those with one of the --tag tags) are
+put in a fixed order: a hash of the device id and the rollout id, dealt out
+tag by tag so every tag gets canaries early. Each stage reaches the first
+PERCENT % of that order (at least one device, and at least one per tag);
+stage k's devices include stage k-1's, so --stages 1,10,50,100 reaches 1 %,
+then 10 %, then half, then everyone. Devices of later stages are never sent
+the version until their stage starts.
+
+A stage ends when its bake time has passed AND every one of its devices has
+either committed the version (passed its probation on the device) or failed.
+A device fails if it rolls back by itself, cannot apply the version, or has
+not committed it by the silence deadline after it was sent the version (\"silent\"
+if nothing was heard from it since). Then the gates run over the telemetry
+the stage's devices sent for the new version since the stage started:
+
+  --max-error-rate X   (input errors + failures) / all requests ≤ X. Client
+                       errors count: a version that rejects requests its
+                       predecessor served is what a canary must catch.
+  --max-p99-ms MS      p99 latency of the merged latency sketches ≤ MS.
+  --max-drift S        largest drift score a device reports ≤ S (≥ 1 = drift).
+  --min-reporting F    share of the stage's devices that sent telemetry ≥ F.
+  --max-failed N       failed devices ≤ N (checked continuously: one more
+                       halts at once, without waiting for the bake).
+  --compare-to-baseline  also compare the stage's devices with the targeted
+                       devices still on the previous version over the same
+                       window; any metric significantly worse halts.
+
+A failing gate halts the rollout, publishes an alert on outpost/v1/fleet/alerts
+and, with --on-failure rollback (the default), sends every canary back to the
+version it had (a new signed directive). Durations: 500ms, 30s, 10m, 1h.
+One rollout per model at a time. Rollouts survive a server restart.
+
+Example:
+  outpost-fleet rollout start bc@1.2.0 --tag pi4 --stages 1,10,50,100 --bake 10m \\
+      --max-error-rate 0.02 --max-p99-ms 50 --max-failed 0";
+
+#[derive(Debug, clap::Args)]
+pub struct RolloutStartArgs {
+    /// NAME@VERSION, a published version.
+    pub target: String,
+    /// Target only devices with this tag (repeatable: any of them). Default: every device.
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+    /// Percent of the targeted devices reached by each stage, increasing, e.g. 1,10,50,100.
+    #[arg(long, value_delimiter = ',', required = true, value_parser = percent_arg)]
+    pub stages: Vec<u32>,
+    /// Minimum time each stage runs before its gates are judged (e.g. 30s, 10m, 1h).
+    #[arg(long, value_parser = duration_arg)]
+    pub bake: String,
+    /// Gate: highest share of requests the stage's devices could not answer (0..1, client errors included).
+    #[arg(long)]
+    pub max_error_rate: Option<f64>,
+    /// Gate: highest p99 latency over the stage's devices, in ms.
+    #[arg(long)]
+    pub max_p99_ms: Option<f64>,
+    /// Gate: highest drift score any stage device reports (≥ 1 means drift).
+    #[arg(long)]
+    pub max_drift: Option<f64>,
+    /// Gate: lowest share of the stage's devices that must send telemetry (0..1).
+    #[arg(long, default_value_t = 1.0)]
+    pub min_reporting: f64,
+    /// Gate: most failed devices tolerated (rolled back by themselves, refused, silent, not committed in time).
+    #[arg(long, default_value_t = 0)]
+    pub max_failed: u32,
+    /// A device that has not committed this long after it was sent the version counts as failed. Default: the bake time + 60s.
+    #[arg(long, value_parser = duration_arg)]
+    pub silence_deadline: Option<String>,
+    /// Gate: compare the stage's devices with those still on the previous version; any significantly worse metric halts.
+    #[arg(long)]
+    pub compare_to_baseline: bool,
+    /// What a failed gate does: halt, or halt and send the canaries back to their previous version.
+    #[arg(long, value_enum, default_value = "rollback")]
+    pub on_failure: OnFailureArg,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RolloutIdArgs {
+    /// The rollout id (printed by `rollout start`, listed by `rollout list`).
+    pub id: String,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Debug, clap::Args)]
+#[command(long_about = "Send devices back to an older version of a model: each gets a new signed \
+directive (a higher sequence, the older model), which it accepts like any update and swaps to \
+(no download when its other slot still holds that version). Without --tag or --devices, every \
+device that runs NAME (or was told to) is targeted. A live rollout of NAME is aborted first.")]
+pub struct RollbackArgs {
+    /// The model name.
+    pub model: String,
+    /// The version to go back to (a published version).
+    #[arg(long)]
+    pub to: String,
+    /// Only devices with this tag (repeatable) that run NAME.
+    #[arg(long = "tag", conflicts_with = "devices")]
+    pub tags: Vec<String>,
+    /// Exactly these devices (comma-separated ids).
+    #[arg(long, value_delimiter = ',')]
+    pub devices: Vec<String>,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+pub fn rollout(args: &RolloutArgs) -> anyhow::Result<String> {
+    match &args.command {
+        RolloutCommand::Start(a) => rollout_start(a),
+        RolloutCommand::Status(a) => rollout_status(a),
+        RolloutCommand::List(a) => rollout_list(a),
+        RolloutCommand::Pause(a) => rollout_command(a, "pause"),
+        RolloutCommand::Resume(a) => rollout_command(a, "resume"),
+        RolloutCommand::Abort(a) => rollout_command(a, "abort"),
+    }
+}
+
+fn rollout_start(a: &RolloutStartArgs) -> anyhow::Result<String> {
+    let body = json!({
+        "target": a.target,
+        "tags": a.tags,
+        "stages": a.stages,
+        "bake": a.bake,
+        "max_error_rate": a.max_error_rate,
+        "max_p99_ms": a.max_p99_ms,
+        "max_drift": a.max_drift,
+        "min_reporting": a.min_reporting,
+        "max_failed": a.max_failed,
+        "silence_deadline": a.silence_deadline,
+        "compare_to_baseline": a.compare_to_baseline,
+        "on_failure": match a.on_failure { OnFailureArg::Halt => "halt", OnFailureArg::Rollback => "rollback" },
+    });
+    let r = a.server.client()?.post_json("/v1/rollouts", &body)?;
+    if a.server.json {
+        return pretty(&r);
+    }
+    let first = &r["stages"][0];
+    eprintln!(
+        "started rollout {} of {}: {} device(s); stage 1 ({}%) sent to {}",
+        s(&r["id"]),
+        s(&r["target"]),
+        s(&r["devices"]["total"]),
+        s(&first["percent"]),
+        s(&first["size"]),
+    );
+    // Only the id on stdout, so scripts can capture it.
+    Ok(s(&r["id"]))
+}
+
+/// `error_rate 0.01 ≤ 0.05 ok`
+fn gate_line(name: &str, g: &Value) -> String {
+    let cmp = if name == "reporting" { "≥" } else { "≤" };
+    let value = g["value"].as_f64().map(crate::rollout::gates::fmt).unwrap_or_else(|| "-".into());
+    let limit = g["limit"].as_f64().map(crate::rollout::gates::fmt).unwrap_or_else(|| "-".into());
+    let verdict = if g["pass"].as_bool().unwrap_or(false) { "ok" } else { "FAIL" };
+    format!("{name} {value} {cmp} {limit} {verdict}")
+}
+
+fn clock(unix: &Value) -> String {
+    let Some(t) = unix.as_u64() else { return "-".into() };
+    let day = t % 86_400;
+    format!("{:02}:{:02}:{:02}Z", day / 3600, day % 3600 / 60, day % 60)
+}
+
+/// The human view of a rollout: a header and a line per stage.
+pub fn rollout_text(r: &Value) -> String {
+    let stages = r["stages"].as_array().cloned().unwrap_or_default();
+    let mut out = format!(
+        "rollout {}  {}  {}  stage {}/{}  (on failure: {})",
+        s(&r["id"]),
+        s(&r["target"]),
+        s(&r["state"]).to_uppercase(),
+        r["stage"].as_u64().map(|k| k + 1).unwrap_or(0),
+        stages.len(),
+        s(&r["on_failure"]),
+    );
+    if let Some(reason) = r["reason"].as_str() {
+        out.push_str(&format!("\nreason: {reason}"));
+    }
+    let count = |st: &Value, state: &str| {
+        st["devices"].as_array().map(|d| d.iter().filter(|d| d["state"] == state).count()).unwrap_or(0).to_string()
+    };
+    let rows: Vec<Vec<String>> = stages
+        .iter()
+        .map(|st| {
+            let gates: Vec<String> = st["gates"]
+                .as_object()
+                .map(|g| g.iter().map(|(name, v)| gate_line(name, v)).collect())
+                .unwrap_or_default();
+            let state = if st["final"] == false && !gates.is_empty() {
+                format!("{} (so far)", s(&st["state"]))
+            } else {
+                s(&st["state"])
+            };
+            vec![
+                st["index"].as_u64().map(|k| (k + 1).to_string()).unwrap_or_default(),
+                format!("{}%", s(&st["percent"])),
+                s(&st["size"]),
+                count(st, "committed"),
+                count(st, "failed"),
+                count(st, "rolled_back"),
+                state,
+                clock(&st["started_at"]),
+                clock(&st["ended_at"]),
+                if gates.is_empty() { "-".into() } else { gates.join(", ") },
+            ]
+        })
+        .collect();
+    out.push('\n');
+    out.push_str(&table(
+        &["STAGE", "PERCENT", "DEVICES", "COMMITTED", "FAILED", "ROLLED BACK", "STATE", "STARTED", "ENDED", "GATES"],
+        &rows,
+    ));
+    // Why each failed device failed (from the last reached stage, which holds them all).
+    let reached = r["stage"].as_u64().and_then(|k| stages.get(k as usize));
+    if let Some(st) = reached {
+        for d in st["devices"].as_array().into_iter().flatten().filter(|d| d["state"] == "failed") {
+            out.push_str(&format!("\n  {} failed: {}", s(&d["id"]), s(&d["note"])));
+        }
+    }
+    out
+}
+
+fn rollout_status(a: &RolloutIdArgs) -> anyhow::Result<String> {
+    let r = a.server.client()?.get(&format!("/v1/rollouts/{}", a.id))?;
+    if a.server.json {
+        return pretty(&r);
+    }
+    Ok(rollout_text(&r))
+}
+
+fn rollout_list(a: &ListArgs) -> anyhow::Result<String> {
+    let r = a.server.client()?.get("/v1/rollouts")?;
+    if a.server.json {
+        return pretty(&r);
+    }
+    let rows: Vec<Vec<String>> = r["rollouts"]
+        .as_array()
+        .map(|all| {
+            all.iter()
+                .map(|r| {
+                    let stages = r["stages"].as_array().map(Vec::len).unwrap_or(0);
+                    vec![
+                        s(&r["id"]),
+                        s(&r["target"]),
+                        s(&r["state"]),
+                        format!("{}/{stages}", r["stage"].as_u64().map(|k| k + 1).unwrap_or(0)),
+                        format!("{}/{}", s(&r["devices"]["by_state"]["committed"]), s(&r["devices"]["total"])),
+                        age(&r["created_at"]),
+                        s(&r["reason"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(table(&["ROLLOUT", "TARGET", "STATE", "STAGE", "COMMITTED", "STARTED", "REASON"], &rows))
+}
+
+fn rollout_command(a: &RolloutIdArgs, verb: &str) -> anyhow::Result<String> {
+    let r = a.server.client()?.post_json(&format!("/v1/rollouts/{}/{verb}", a.id), &json!({}))?;
+    if a.server.json {
+        return pretty(&r);
+    }
+    Ok(rollout_text(&r))
+}
+
+pub fn rollback(a: &RollbackArgs) -> anyhow::Result<String> {
+    let body = json!({"model": a.model, "to": a.to, "tags": a.tags, "devices": a.devices});
+    let r = a.server.client()?.post_json("/v1/rollback", &body)?;
+    if a.server.json {
+        return pretty(&r);
+    }
+    let mut out = format!("rollback of {} to {}: {} device(s) targeted", a.model, a.to, s(&r["targeted"]));
+    if let Some(id) = r["aborted_rollout"].as_str() {
+        out.push_str(&format!(" (rollout {id} aborted)"));
+    }
+    Ok(out)
 }

@@ -23,11 +23,15 @@
 //!
 //! # Threads
 //!
-//! One thread runs the rumqttc event loop and hands messages to a bounded
-//! queue; a few workers verify and act on them. When the queue is full,
-//! messages are dropped (counted as `dropped`) rather than stalling the
-//! event loop — a stalled loop misses keep-alives and drops the link for
-//! everyone. Devices re-send: state is retained, chunk requests re-ask.
+//! One thread runs the rumqttc event loop and hands messages to bounded
+//! queues, one per worker, chosen by device (so each device's messages are
+//! verified in the order it sent them); the workers verify and act on them.
+//! When a queue is full, telemetry and sketches are dropped at once (counted
+//! as `dropped`) rather than stalling the event loop — a stalled loop misses
+//! keep-alives and drops the link for everyone; they come again at the next
+//! interval. A state or a chunk request waits up to [`PATIENCE`] for room
+//! first: a device publishes its state once per change, and a lost chunk
+//! request costs it its chunk timeout.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,10 +49,15 @@ use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 use crate::artifacts::Artifacts;
 use crate::broker::FLEET_CLIENT_ID;
 use crate::metrics::Metrics;
+use crate::observations::Observations;
 use crate::registry::{DeviceStateUpdate, Registry};
 
-/// Messages waiting for a worker.
-const QUEUE: usize = 8192;
+/// Messages waiting for the workers (all queues together): 10,000 devices
+/// reconnecting at once each flush a state and buffered telemetry.
+const QUEUE: usize = 32_768;
+/// How long the event loop waits for room in a full queue for a state or a
+/// chunk request before dropping it.
+const PATIENCE: Duration = Duration::from_millis(500);
 /// Worker threads verifying messages (ed25519 verification is ~50 µs).
 const WORKERS: usize = 4;
 /// A telemetry message refreshes `last_seen` in the registry at most this
@@ -86,6 +95,8 @@ pub struct Inbox {
     registry: Arc<Registry>,
     artifacts: Arc<Artifacts>,
     metrics: Arc<Metrics>,
+    /// Where verified telemetry and sketches are recorded.
+    observations: Arc<Observations>,
     limits: Limits,
     presence: Mutex<Presence>,
 }
@@ -94,8 +105,20 @@ pub struct Inbox {
 pub type Outgoing = Option<(String, Vec<u8>)>;
 
 impl Inbox {
-    pub fn new(registry: Arc<Registry>, artifacts: Arc<Artifacts>, metrics: Arc<Metrics>) -> Inbox {
-        Inbox { registry, artifacts, metrics, limits: Limits::default(), presence: Mutex::new(Presence::default()) }
+    pub fn new(
+        registry: Arc<Registry>,
+        artifacts: Arc<Artifacts>,
+        metrics: Arc<Metrics>,
+        observations: Arc<Observations>,
+    ) -> Inbox {
+        Inbox {
+            registry,
+            artifacts,
+            metrics,
+            observations,
+            limits: Limits::default(),
+            presence: Mutex::new(Presence::default()),
+        }
     }
 
     /// The device's presence hint: `Some(false)` after its last will,
@@ -170,8 +193,22 @@ impl Inbox {
         };
         let (label, result): (&str, Result<Outgoing, String>) = match kind {
             Kind::State => ("state", self.state(device, payload).map(|()| None)),
-            Kind::Telemetry => ("telemetry", self.open_counted::<Telemetry>(device, payload).map(|_| None)),
-            Kind::Sketch => ("sketch", self.open_counted::<SketchMessage>(device, payload).map(|_| None)),
+            Kind::Telemetry => (
+                "telemetry",
+                self.open_counted::<Telemetry>(device, payload).map(|t| {
+                    self.observations.record_telemetry(device, &t);
+                    self.metrics.observed("telemetry", self.observations.counts().2);
+                    None
+                }),
+            ),
+            Kind::Sketch => (
+                "sketch",
+                self.open_counted::<SketchMessage>(device, payload).map(|s| {
+                    self.observations.record_sketch(device, &s);
+                    self.metrics.observed("sketch", self.observations.counts().2);
+                    None
+                }),
+            ),
             Kind::ChunkRequest => (
                 "chunk_request",
                 self.open_counted::<ChunkRequest>(device, payload)
@@ -221,6 +258,8 @@ impl Inbox {
                 version: state.version.as_deref(),
                 status: state.status.as_str(),
                 last_error: state.last_error.as_deref().or(state.rollback_reason.as_deref()),
+                directive_sequence: state.directive_sequence,
+                committed: state.committed,
             })
             .map_err(|e| e.to_string())?;
         if !applied {
@@ -229,6 +268,12 @@ impl Inbox {
         self.mark_online(device, true);
         Ok(())
     }
+}
+
+/// The worker that handles `device`'s messages (FNV-1a of the id).
+fn shard(device: &str, workers: usize) -> usize {
+    let h = device.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    (h % workers.max(1) as u64) as usize
 }
 
 /// The running link.
@@ -253,18 +298,19 @@ pub fn start(opts: LinkOptions, inbox: Arc<Inbox>, on_connect: Arc<dyn Fn(&Clien
     let (client, mut connection) = Client::new(mqtt, 10_000);
     let connected = Arc::new(AtomicBool::new(false));
 
-    let (tx, rx): (SyncSender<(String, Vec<u8>)>, Receiver<(String, Vec<u8>)>) = sync_channel(QUEUE);
-    let rx = Arc::new(Mutex::new(rx));
+    // One queue per worker, and each device's messages always to the same
+    // worker: a device's messages are then verified in the order it sent
+    // them. With one shared queue, two workers could open a device's chunk
+    // requests c and c+1 in the wrong order, refuse c as a replay, and leave
+    // the device waiting out its chunk timeout (seen in bench/fleet).
+    let mut txs: Vec<SyncSender<(String, Vec<u8>)>> = Vec::with_capacity(WORKERS);
     for i in 0..WORKERS {
-        let rx = rx.clone();
+        let (tx, rx): (SyncSender<(String, Vec<u8>)>, Receiver<(String, Vec<u8>)>) = sync_channel(QUEUE / WORKERS);
+        txs.push(tx);
         let inbox = inbox.clone();
         let client = client.clone();
         let spawned = std::thread::Builder::new().name(format!("mqtt-worker-{i}")).spawn(move || loop {
-            let next = match rx.lock() {
-                Ok(rx) => rx.recv(),
-                Err(_) => return,
-            };
-            let Ok((topic, payload)) = next else { return };
+            let Ok((topic, payload)) = rx.recv() else { return };
             if let Some((reply_topic, bytes)) = inbox.handle(&topic, &payload) {
                 if let Err(e) = client.publish(reply_topic, QoS::AtLeastOnce, false, bytes) {
                     log::warn!("mqtt: answering on {topic}: {e}");
@@ -299,10 +345,32 @@ pub fn start(opts: LinkOptions, inbox: Arc<Inbox>, on_connect: Arc<dyn Fn(&Clien
                     let _ = std::thread::Builder::new().name("mqtt-on-connect".into()).spawn(move || hook(&c));
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    match tx.try_send((p.topic.clone(), p.payload.to_vec())) {
-                        Ok(()) => {}
-                        Err(TrySendError::Full(_)) => metrics.mqtt("dropped", false),
-                        Err(TrySendError::Disconnected(_)) => return,
+                    let parsed = topics::parse(&p.topic);
+                    let worker = parsed.map(|(id, _)| shard(id, WORKERS)).unwrap_or(0);
+                    // A state is published once per change, and a lost chunk
+                    // request costs the device its chunk timeout: those wait
+                    // (bounded, so a worker blocked on publishing back to us
+                    // cannot deadlock the loop) before being dropped. Telemetry
+                    // comes again at the next interval: dropped at once.
+                    let patience = match parsed.map(|(_, k)| k) {
+                        Some(Kind::State | Kind::ChunkRequest) => PATIENCE,
+                        _ => Duration::ZERO,
+                    };
+                    let started = std::time::Instant::now();
+                    let mut item = (p.topic.clone(), p.payload.to_vec());
+                    loop {
+                        match txs[worker].try_send(item) {
+                            Ok(()) => break,
+                            Err(TrySendError::Full(back)) if started.elapsed() < patience => {
+                                item = back;
+                                std::thread::sleep(Duration::from_millis(1));
+                            }
+                            Err(TrySendError::Full(_)) => {
+                                metrics.mqtt("dropped", false);
+                                break;
+                            }
+                            Err(TrySendError::Disconnected(_)) => return,
+                        }
                     }
                 }
                 Ok(_) => {}

@@ -13,26 +13,46 @@
 //! - [`publish`]: the publish gate (accuracy, data width, signing, storing).
 //! - [`provisioning`]: registering devices and writing their agent config.
 //! - [`broker`]: the embedded MQTT broker and who may connect to it.
+//! - [`drift_cmd`]: `outpost-fleet drift`.
+//! - [`fleet_view`]: the drift view, device list and summary from observations;
+//!   [`fleet_feed`]: the summary and alerts on MQTT for dashboards.
 //! - [`fleet_link`]: the fleet's MQTT client — verifying device messages.
 //! - [`artifacts`]: serving bundle chunks over MQTT.
 //! - [`directives`]: signed deployment directives (`deploy`).
+//! - [`manifests`]: reference sketches of published versions, from their manifests.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`canary`]: the statistics of canary analysis.
+//! - [`observations`]: device telemetry and sketches, canary analysis, fleet drift.
+//! - [`rollout`]: staged canary rollouts with gates, automatic halt and
+//!   remote rollback (the state machine is [`rollout::machine`]).
+//! - [`dashboard`]: the web page served at `/`.
 //! - [`api`]: the HTTP API; [`client`]: the CLI's HTTP client.
 //! - [`server`]: `serve`, wiring it all; [`cli`]: the operator subcommands.
+//! - [`simulate`]: `simulate --devices N`, a fleet of simulated devices
+//!   (the agent's protocol code, one MQTT connection each) for benchmarks.
 
 pub mod api;
 pub mod artifacts;
 pub mod broker;
 pub mod bundle_cmd;
 pub mod bundles;
+pub mod canary;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod dashboard;
 pub mod directives;
+pub mod drift_cmd;
+pub mod fleet_feed;
 pub mod fleet_link;
+pub mod fleet_view;
 pub mod keys;
+pub mod manifests;
 pub mod metrics;
+pub mod observations;
 pub mod provisioning;
 pub mod publish;
 pub mod registry;
+pub mod rollout;
 pub mod server;
+pub mod simulate;

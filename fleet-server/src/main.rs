@@ -2,7 +2,7 @@
 //! A thin binary: every subcommand is a call into the `outpost_fleet` library.
 
 use clap::{Parser, Subcommand};
-use outpost_fleet::{bundle_cmd, cli, keys};
+use outpost_fleet::{bundle_cmd, cli, drift_cmd, keys};
 
 #[derive(Parser)]
 #[command(name = "outpost-fleet", version, about = "Sign, publish and roll out ML models to a fleet of devices")]
@@ -31,6 +31,14 @@ enum Command {
     Deploy(cli::DeployArgs),
     /// Show the audit log of operator actions.
     Audit(cli::AuditArgs),
+    /// A version's drift across the fleet: every device's sketches merged and judged against the reference.
+    Drift(drift_cmd::DriftArgs),
+    /// Staged canary rollouts: start, status, list, pause, resume, abort.
+    Rollout(cli::RolloutArgs),
+    /// Send devices back to an older version: NAME --to VERSION [--tag T | --devices ID,…]
+    Rollback(cli::RollbackArgs),
+    /// Simulate N devices (real protocol, one MQTT connection each) to benchmark the server.
+    Simulate(outpost_fleet::simulate::SimulateArgs),
 }
 
 fn main() {
@@ -49,6 +57,10 @@ fn main() {
         Command::Publish(args) => cli::publish(&args),
         Command::Deploy(args) => cli::deploy(&args),
         Command::Audit(args) => cli::audit(&args),
+        Command::Drift(args) => drift_cmd::drift(&args),
+        Command::Rollout(args) => cli::rollout(&args),
+        Command::Rollback(args) => cli::rollback(&args),
+        Command::Simulate(args) => outpost_fleet::simulate::simulate_command(&args),
     };
     match result {
         Ok(out) => println!("{out}"),

@@ -10,11 +10,16 @@
 //! | `outpost_fleet_chunk_requests_refused_total` | counter | `reason` = `rate`, `size`, `unknown_bundle`, `bad_request` |
 //! | `outpost_fleet_directives_total` | counter | — signed directives published |
 //! | `outpost_fleet_api_requests_total` | counter | `code` — HTTP status of operator API answers |
+//! | `outpost_fleet_observations_total` | counter | `kind` = `telemetry`, `sketch` — verified device messages recorded for gates, canary analysis and the drift view |
+//! | `outpost_fleet_drifting_devices` | gauge | — devices whose latest telemetry says their inputs drifted |
+//! | `outpost_fleet_rollouts` | gauge | `state` — rollouts by state (running, paused, halted, completed, aborted) |
+//! | `outpost_fleet_rollout_stage` | gauge | `rollout`, `model`, `version` — the current stage (1-based) of each live rollout |
+//! | `outpost_fleet_rollout_devices` | gauge | `rollout`, `state` — devices of each live rollout by state (pending, sent, committed, failed, rolled_back) |
 //!
 //! The device gauge is recomputed from the registry at each scrape (one
 //! `GROUP BY` query), so it is never stale and costs nothing between scrapes.
 
-use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::prometheus_text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -34,6 +39,12 @@ pub struct Metrics {
     pub chunk_refused: Family<Labels, Counter>,
     pub directives: Counter,
     pub api_requests: Family<Labels, Counter>,
+    pub observations: Family<Labels, Counter>,
+    pub drifting_devices: Gauge,
+    /// Set by the rollout driver on every tick.
+    pub rollouts: Family<Labels, Gauge>,
+    pub rollout_stage: Family<Labels, Gauge>,
+    pub rollout_devices: Family<Labels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -53,6 +64,11 @@ impl Metrics {
         let chunk_refused = Family::<Labels, Counter>::default();
         let directives = Counter::default();
         let api_requests = Family::<Labels, Counter>::default();
+        let observations = Family::<Labels, Counter>::default();
+        let drifting_devices = Gauge::default();
+        let rollouts = Family::<Labels, Gauge>::default();
+        let rollout_stage = Family::<Labels, Gauge>::default();
+        let rollout_devices = Family::<Labels, Gauge>::default();
         prom.register("devices", "Devices by last reported status, model and version", devices.clone());
         prom.register("publishes", "Publish attempts by result", publishes.clone());
         prom.register("mqtt_messages", "MQTT messages from devices by kind and verdict", mqtt_messages.clone());
@@ -61,7 +77,27 @@ impl Metrics {
         prom.register("chunk_requests_refused", "Chunk requests refused, by reason", chunk_refused.clone());
         prom.register("directives", "Signed deployment directives published", directives.clone());
         prom.register("api_requests", "Operator API answers by HTTP status", api_requests.clone());
-        Metrics { prom, devices, publishes, mqtt_messages, chunks_served, chunk_bytes, chunk_refused, directives, api_requests }
+        prom.register("observations", "Verified device telemetry and sketches recorded, by kind", observations.clone());
+        prom.register("drifting_devices", "Devices whose latest telemetry says their inputs drifted", drifting_devices.clone());
+        prom.register("rollouts", "Rollouts by state", rollouts.clone());
+        prom.register("rollout_stage", "Current stage (1-based) of each live rollout", rollout_stage.clone());
+        prom.register("rollout_devices", "Devices of each live rollout by state", rollout_devices.clone());
+        Metrics {
+            prom,
+            devices,
+            publishes,
+            mqtt_messages,
+            chunks_served,
+            chunk_bytes,
+            chunk_refused,
+            directives,
+            api_requests,
+            observations,
+            drifting_devices,
+            rollouts,
+            rollout_stage,
+            rollout_devices,
+        }
     }
 
     pub fn publish(&self, result: &str) {
@@ -75,6 +111,12 @@ impl Metrics {
 
     pub fn chunk_refused(&self, reason: &str) {
         self.chunk_refused.get_or_create(&vec![("reason", reason.to_string())]).inc();
+    }
+
+    /// A telemetry or sketch message recorded; `drifting` devices now.
+    pub fn observed(&self, kind: &str, drifting: usize) {
+        self.observations.get_or_create(&vec![("kind", kind.to_string())]).inc();
+        self.drifting_devices.set(drifting as i64);
     }
 
     pub fn api(&self, code: u16) {
@@ -95,6 +137,9 @@ impl Metrics {
             Err(e) => log::warn!("metrics: device counts unavailable: {e}"),
         }
         let mut out = String::new();
+        // The classic text format (0.0.4, the content type the API sends):
+        // what Prometheus scrapes and `promtool check metrics` accepts. (The
+        // OpenMetrics encoder's counters have HELP without `_total`.)
         if encode(&mut out, &self.prom).is_err() {
             log::warn!("metrics: encoding failed");
         }

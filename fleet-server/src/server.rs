@@ -10,7 +10,8 @@
 //!    start for an external one (`[broker] url`);
 //! 4. the fleet's MQTT link (subscriptions, chunk serving); on every
 //!    connection it republishes the recorded directives, retained;
-//! 5. the HTTP API.
+//! 5. the rollout driver (live rollouts resume where their records say);
+//! 6. the HTTP API.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -40,6 +41,10 @@ pub struct Fleet {
     /// The root public key devices pin (written into agent configs).
     pub root: PublicKey,
     pub link: fleet_link::FleetLink,
+    /// Telemetry and sketches devices sent (canary gates, drift view).
+    pub observations: Arc<crate::observations::Observations>,
+    /// Staged rollouts and remote rollback (driven by their own thread).
+    pub rollouts: crate::rollout::Rollouts,
 }
 
 impl Fleet {
@@ -128,7 +133,8 @@ pub fn start(config: FleetConfig) -> anyhow::Result<Running> {
     };
 
     let artifacts = Arc::new(Artifacts::new(store.clone(), registry.clone(), config.artifacts.clone(), metrics.clone()));
-    let inbox = Arc::new(Inbox::new(registry.clone(), artifacts, metrics.clone()));
+    let observations = Arc::new(crate::observations::Observations::new());
+    let inbox = Arc::new(Inbox::new(registry.clone(), artifacts, metrics.clone(), observations.clone()));
     // The directive publisher needs the MQTT client, and the on-connect hook
     // needs the publisher: the hook reaches it through this slot.
     let slot: Arc<std::sync::OnceLock<Arc<Fleet>>> = Arc::new(std::sync::OnceLock::new());
@@ -150,8 +156,14 @@ pub fn start(config: FleetConfig) -> anyhow::Result<Running> {
     let link = fleet_link::start(link_options, inbox.clone(), on_connect);
     let directives = Directives::new(registry.clone(), signer, link.client.clone(), metrics.clone());
     let publisher = Publisher::new(registry.clone(), store, config.keys_dir.clone(), config.uploads_dir());
-    let fleet = Arc::new(Fleet { config, registry, publisher, directives, metrics, inbox, root, link });
+    let rollouts = crate::rollout::Rollouts::new(registry.clone());
+    let fleet =
+        Arc::new(Fleet { config, registry, publisher, directives, metrics, inbox, root, link, observations, rollouts });
     let _ = slot.set(fleet.clone());
+    crate::fleet_feed::start(&fleet);
+    // Live rollouts resume from their persisted records (same stage, same
+    // bake clock, nothing re-sent).
+    crate::rollout::Rollouts::spawn_driver(fleet.clone()).context("starting the rollout driver")?;
     let api_addr = crate::api::start(fleet.clone()).map_err(anyhow::Error::msg)?;
     log::info!("fleet API listening on http://{api_addr}");
     Ok(Running { fleet, api_addr, broker_addr })

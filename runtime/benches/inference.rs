@@ -44,7 +44,9 @@ fn batch_of(t: &JsonTensor, ixs: impl Iterator<Item = usize>) -> TensorData {
 }
 
 fn bench_fixtures(c: &mut Criterion) {
-    let only = std::env::var("OUTPOST_BENCH_MODELS").ok();
+    // Unset or empty: every fixture (compare.sh passes MODELS through, empty
+    // when not given).
+    let only = std::env::var("OUTPOST_BENCH_MODELS").ok().filter(|m| !m.is_empty());
     let mut names: Vec<String> = std::fs::read_dir(fixtures())
         .expect("fixtures/")
         .filter_map(|e| e.ok())

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use outpost_runtime::model::{LoadError, LoadOptions, Model};
+use outpost_runtime::model::{LoadError, LoadOptions, Model, ModelFormat};
 use outpost_runtime::tensor::{TensorData, TensorValues};
 use serde::Deserialize;
 
@@ -58,7 +58,9 @@ fn tolerance(model: &str) -> Tolerance {
         "bc_mlp.onnx" | "digits_cnn.onnx" => Tolerance { abs: 1e-4, rel: 1e-4, label_mismatches: 0 },
         // Trees compare features against thresholds: identical decisions,
         // then a float sum of 50 leaf values and a sigmoid.
-        "bc_gb.onnx" => Tolerance { abs: 1e-5, rel: 1e-4, label_mismatches: 0 },
+        "bc_gb.onnx" | "bc_rf.onnx" => Tolerance { abs: 1e-5, rel: 1e-4, label_mismatches: 0 },
+        // A dot product of 30 features and a logistic: float reordering only.
+        "bc_logreg.onnx" => Tolerance { abs: 1e-5, rel: 1e-4, label_mismatches: 0 },
         // Dynamic quantization: activations are quantized per call with a
         // scale of (max - min) / 255. tract and onnxruntime can round a value
         // that lies on a half step differently, moving one activation by one
@@ -279,4 +281,122 @@ fn one_model_runs_from_many_threads() {
     for h in handles {
         assert_eq!(h.join().expect("thread"), reference);
     }
+}
+
+/// tract-onnx 0.23.9 panics ("no entry found for key", in its graph
+/// parser) on a graph output that no node, input or initializer produces.
+/// The runtime catches tract's panics: the model is refused, the process
+/// lives on.
+#[test]
+fn a_model_that_makes_tract_panic_is_refused_with_a_load_error() {
+    use prost::Message;
+    let bytes = std::fs::read(fixtures().join("bc_mlp.onnx")).expect("fixture");
+    let mut proto = tract_onnx::pb::ModelProto::decode(bytes.as_slice()).expect("fixture decodes");
+    let graph = proto.graph.as_mut().expect("fixture has a graph");
+    graph.output[0].name = "produced_by_nothing".into();
+    let corrupted = proto.encode_to_vec();
+    let err = Model::from_bytes(&corrupted, ModelFormat::Onnx, &LoadOptions::default())
+        .expect_err("a dangling output must be refused");
+    assert!(matches!(err, LoadError::Prepare { .. }), "{err}");
+    assert!(err.to_string().contains("tract panicked"), "{err}");
+    // The runtime still loads and runs models afterwards.
+    let model = Model::load(fixtures().join("bc_mlp.onnx"), &LoadOptions::default()).expect("loads");
+    model.run(model.zero_inputs(2)).expect("runs");
+}
+
+/// Random byte corruption of every ONNX fixture: each must load and run, or
+/// be refused with an error, never panic. Deterministic (xorshift, fixed
+/// seed). Some of them make tract itself panic (counted below): the
+/// runtime turns those into errors.
+#[test]
+fn byte_corrupted_onnx_fixtures_never_panic() {
+    let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let (mut refused, mut tract_panics) = (0, 0);
+    for name in onnx_fixtures() {
+        let original = std::fs::read(fixtures().join(&name)).expect("fixture");
+        for _ in 0..100 {
+            let mut bytes = original.clone();
+            for _ in 0..1 + next() % 3 {
+                let at = (next() % bytes.len() as u64) as usize;
+                bytes[at] = next() as u8;
+            }
+            let loaded = std::panic::catch_unwind(|| Model::from_bytes(&bytes, ModelFormat::Onnx, &LoadOptions::default()))
+                .unwrap_or_else(|_| panic!("{name}: loading a corrupted copy panicked"));
+            match loaded {
+                Ok(model) => {
+                    for batch in [1, 3] {
+                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.run(model.zero_inputs(batch))))
+                            .unwrap_or_else(|_| panic!("{name}: running a corrupted copy panicked"));
+                    }
+                }
+                Err(e) => {
+                    refused += 1;
+                    tract_panics += usize::from(e.to_string().contains("tract panicked"));
+                }
+            }
+        }
+    }
+    eprintln!("{refused} corrupted copies refused, {tract_panics} of them after a panic in tract");
+    assert!(refused > 0, "some corruptions must be refused");
+}
+
+#[test]
+fn a_model_file_over_the_limit_is_refused_before_it_is_read() {
+    use outpost_runtime::model::MAX_MODEL_BYTES;
+    let dir = std::env::temp_dir().join(format!("outpost-too-large-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("huge.onnx");
+    // A sparse file: its size is over the limit, its blocks are not written.
+    let file = std::fs::File::create(&path).expect("create");
+    file.set_len(MAX_MODEL_BYTES + 1).expect("set_len");
+    drop(file);
+    let err = Model::load(&path, &LoadOptions::default()).expect_err("over the limit");
+    std::fs::remove_dir_all(&dir).expect("clean up");
+    match err {
+        LoadError::TooLarge { size, limit } => {
+            assert_eq!(size, MAX_MODEL_BYTES + 1);
+            assert_eq!(limit, MAX_MODEL_BYTES);
+        }
+        other => panic!("wrong error: {other}"),
+    }
+}
+
+/// Each batch size gets a plan optimized for it (up to
+/// `LoadOptions::batch_plans`), then further sizes run the symbolic plan;
+/// every plan gives the same rows.
+#[test]
+fn batch_sizes_get_their_own_plans_up_to_the_bound() {
+    let path = fixtures().join("bc_mlp.onnx");
+    let options = LoadOptions { batch_plans: 2, ..LoadOptions::default() };
+    let model = Model::load(&path, &options).expect("loads");
+    // The warm-up ran batch 1.
+    assert_eq!(model.specialised_batches(), vec![1]);
+    let expected: Expected =
+        serde_json::from_slice(&std::fs::read(expected_path(&path)).expect("read")).expect("parse");
+    let rows = expected.inputs["features"].to_tensor();
+    let all = model.run(vec![rows.clone()]).expect("runs");
+    assert_eq!(model.specialised_batches(), vec![1, rows.batch_len()]);
+    // Over the bound: the symbolic plan, same results.
+    let three = TensorData::new(vec![3, 30], match &rows.values {
+        TensorValues::F32(v) => TensorValues::F32(v[..90].to_vec()),
+        _ => panic!("float features"),
+    })
+    .expect("tensor");
+    let out = model.run(vec![three]).expect("runs");
+    assert_eq!(model.specialised_batches(), vec![1, rows.batch_len()]);
+    let (TensorValues::F32(p3), TensorValues::F32(pall)) = (&out[1].values, &all[1].values) else {
+        panic!("float probabilities")
+    };
+    for (a, b) in p3.iter().zip(pall) {
+        assert!((a - b).abs() <= 1e-5, "{a} vs {b}");
+    }
+    let plain = Model::load(&path, &LoadOptions { batch_plans: 0, ..LoadOptions::default() }).expect("loads");
+    plain.run(vec![rows]).expect("runs");
+    assert!(plain.specialised_batches().is_empty());
 }

@@ -594,7 +594,7 @@ fn broken_flatbuffers_are_refused_without_panicking() {
 /// test profile) and wraps, as in TFLite, in release builds.
 #[test]
 fn corrupted_fixtures_never_panic() {
-    let options = LoadOptions { optimize: true, warm_up: false };
+    let options = LoadOptions { optimize: true, warm_up: false, ..Default::default() };
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = move || {
         state ^= state << 13;

@@ -19,17 +19,26 @@
 mod convert;
 pub mod onnx;
 pub mod onnx_ml;
+mod plans;
 pub mod tflite;
 mod tflite_rewrite;
+pub mod tree_ensemble;
 
+use std::io::Read;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
 use tract_onnx::prelude::*;
 
 use crate::tensor::{ElementType, ModelSignature, TensorData, TensorSpec, TensorValues};
 
 pub use convert::{EdgeQuantization, InputAdapter, OutputAdapter};
+
+/// Largest model file accepted, in bytes, whatever the format. Outpost
+/// targets devices with a few hundred MB of RAM; while loading, the file,
+/// the parsed graph and tract's copy of every constant coexist. Checked
+/// before the file is read.
+pub const MAX_MODEL_BYTES: u64 = tflite_rewrite::MAX_MODEL_BYTES as u64;
 
 type Plan = TypedSimplePlan;
 type State = TypedSimpleState;
@@ -69,11 +78,16 @@ pub struct LoadOptions {
     /// does not pay for lazy initialisation (and so a model that loads but
     /// cannot run is refused at start, not at the first request).
     pub warm_up: bool,
+    /// How many batch sizes get a plan optimized for that exact size (see
+    /// [`plans`]); other sizes run the plan with a symbolic batch. 0 keeps
+    /// the symbolic plan only. Ignored when `optimize` is off or the model
+    /// has no free batch dimension.
+    pub batch_plans: usize,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { optimize: true, warm_up: true }
+        LoadOptions { optimize: true, warm_up: true, batch_plans: 8 }
     }
 }
 
@@ -94,6 +108,8 @@ pub enum LoadError {
     UnsupportedType { what: &'static str, name: String, element_type: String },
     #[error("warm-up inference failed: {0}")]
     WarmUp(String),
+    #[error("the model is {size} bytes, above the {limit} bytes Outpost accepts")]
+    TooLarge { size: u64, limit: u64 },
 }
 
 /// Why one inference call failed. Every variant is the caller's input
@@ -127,7 +143,7 @@ impl RunError {
 
 /// A loaded, optimized model, ready to run from many threads.
 pub struct Model {
-    plan: Arc<Plan>,
+    plans: plans::BatchPlans,
     signature: ModelSignature,
     inputs: Vec<InputAdapter>,
     outputs: Vec<OutputAdapter>,
@@ -135,9 +151,6 @@ pub struct Model {
     /// Whether the model's graph takes a free batch dimension on every input.
     /// If not, batches are run row by row.
     native_batch: bool,
-    /// Reusable tract states: allocating one per call costs more than a small
-    /// model's inference. The lock is held only to pop or push.
-    states: Mutex<Vec<State>>,
 }
 
 impl std::fmt::Debug for Model {
@@ -155,8 +168,16 @@ impl Model {
         let path = path.as_ref();
         let format = ModelFormat::from_path(path)
             .ok_or_else(|| LoadError::UnknownFormat(path.display().to_string()))?;
-        let bytes = std::fs::read(path)
-            .map_err(|source| LoadError::Io { path: path.display().to_string(), source })?;
+        let io = |source| LoadError::Io { path: path.display().to_string(), source };
+        let file = std::fs::File::open(path).map_err(io)?;
+        let size = file.metadata().map_err(io)?.len();
+        if size > MAX_MODEL_BYTES {
+            return Err(LoadError::TooLarge { size, limit: MAX_MODEL_BYTES });
+        }
+        // The file may grow between the check and the read: never read more
+        // than one byte past the limit.
+        let mut bytes = Vec::with_capacity(size as usize);
+        file.take(MAX_MODEL_BYTES + 1).read_to_end(&mut bytes).map_err(io)?;
         Model::from_bytes(&bytes, format, options)
     }
 
@@ -166,21 +187,39 @@ impl Model {
         format: ModelFormat,
         options: &LoadOptions,
     ) -> Result<Model, LoadError> {
+        if bytes.len() as u64 > MAX_MODEL_BYTES {
+            return Err(LoadError::TooLarge { size: bytes.len() as u64, limit: MAX_MODEL_BYTES });
+        }
+        // tract checks most of what a malformed model can hold, but not all
+        // of it: an assertion or an arithmetic overflow deep in an operator
+        // must refuse the model, not take the process down.
+        catch_unwind(AssertUnwindSafe(|| Model::from_bytes_unguarded(bytes, format, options)))
+            .unwrap_or_else(|panic| Err(LoadError::Prepare { reason: panic_reason(panic) }))
+    }
+
+    fn from_bytes_unguarded(
+        bytes: &[u8],
+        format: ModelFormat,
+        options: &LoadOptions,
+    ) -> Result<Model, LoadError> {
         let prepared = match format {
             ModelFormat::Onnx => onnx::load(bytes)?,
             ModelFormat::Tflite => tflite::load(bytes)?,
         };
-        let typed = if options.optimize {
-            prepared.model.into_optimized()
+        let decluttered = prepared.model.into_decluttered().map_err(prepare_err)?;
+        let (typed, specializable) = if options.optimize && options.batch_plans > 0 {
+            (decluttered.clone().into_optimized().map_err(prepare_err)?, Some(decluttered))
+        } else if options.optimize {
+            (decluttered.into_optimized().map_err(prepare_err)?, None)
         } else {
-            prepared.model.into_decluttered()
-        }
-        .map_err(|e| LoadError::Prepare { reason: format!("{e:#}") })?;
-        Model::from_typed(typed, format, prepared.inputs, prepared.outputs, options)
+            (decluttered, None)
+        };
+        Model::from_typed(typed, specializable, format, prepared.inputs, prepared.outputs, options)
     }
 
     fn from_typed(
         typed: TypedModel,
+        specializable: Option<TypedModel>,
         format: ModelFormat,
         mut inputs: Vec<InputAdapter>,
         mut outputs: Vec<OutputAdapter>,
@@ -207,14 +246,14 @@ impl Model {
         }
         let native_batch = input_specs.iter().all(TensorSpec::has_batch_dim);
         let plan = typed.into_runnable().map_err(prepare_err)?;
+        let specializable = specializable.filter(|_| native_batch);
         let model = Model {
-            plan,
+            plans: plans::BatchPlans::new(plan, specializable, options.batch_plans),
             signature: ModelSignature { inputs: input_specs, outputs: output_specs },
             inputs,
             outputs,
             format,
             native_batch,
-            states: Mutex::new(Vec::new()),
         };
         if options.warm_up {
             let zeros = model.zero_inputs(1);
@@ -235,6 +274,12 @@ impl Model {
     /// rather than N calls.
     pub fn runs_batches_natively(&self) -> bool {
         self.native_batch
+    }
+
+    /// Batch sizes that run a plan optimized for that exact size (see
+    /// [`LoadOptions::batch_plans`]).
+    pub fn specialised_batches(&self) -> Vec<usize> {
+        self.plans.specialised()
     }
 
     /// Inputs of zeros for `batch` samples: used for warm-up.
@@ -332,9 +377,13 @@ impl Model {
     }
 
     fn run_once(&self, inputs: &[TensorData]) -> Result<Vec<TensorData>, RunError> {
+        let slot = match inputs.first() {
+            Some(first) if self.native_batch => self.plans.for_batch(first.batch_len()),
+            _ => self.plans.generic().clone(),
+        };
         let mut tract_inputs: TVec<TValue> = TVec::with_capacity(inputs.len());
         for (ix, t) in inputs.iter().enumerate() {
-            let fact = self
+            let fact = slot
                 .plan
                 .model()
                 .input_fact(ix)
@@ -343,18 +392,17 @@ impl Model {
                 .map_err(|e| RunError::Inference(format!("{e:#}")))?;
             tract_inputs.push(tensor.into_tvalue());
         }
-        let mut state = match self.states.lock().ok().and_then(|mut s| s.pop()) {
-            Some(state) => state,
-            None => self.plan.spawn().map_err(|e| RunError::Inference(format!("{e:#}")))?,
-        };
-        let result = state.run(tract_inputs);
+        let mut state = slot.take_state().map_err(|e| RunError::Inference(format!("{e:#}")))?;
+        // A panic in tract (an operator meeting values its checks did not
+        // foresee) fails this call only; the state it left half-written is
+        // dropped below like any failed one.
+        let result = catch_unwind(AssertUnwindSafe(|| state.run(tract_inputs)))
+            .unwrap_or_else(|panic| Err(anyhow::anyhow!("{}", panic_reason(panic))));
         // A state that errored may hold half-written values; drop it rather
         // than reuse it.
         let outputs = match result {
             Ok(outputs) => {
-                if let Ok(mut states) = self.states.lock() {
-                    states.push(state);
-                }
+                slot.give_back(state);
                 outputs
             }
             Err(e) => return Err(RunError::Inference(format!("{e:#}"))),
@@ -366,6 +414,16 @@ impl Model {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| RunError::Inference(format!("{e:#}")))
     }
+}
+
+/// The message of a caught panic.
+fn panic_reason(panic: Box<dyn std::any::Any + Send>) -> String {
+    let msg = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into());
+    format!("tract panicked: {msg}")
 }
 
 fn prepare_err(e: TractError) -> LoadError {

@@ -1,5 +1,6 @@
 //! ONNX loading: tract-onnx plus the `ai.onnx.ml` operators scikit-learn
-//! exports need (see [`super::onnx_ml`]).
+//! exports need (see [`super::onnx_ml`]) and Outpost's own tree ensembles
+//! (see [`super::tree_ensemble`]).
 
 use tract_onnx::pb;
 use tract_onnx::prelude::*;
@@ -17,6 +18,8 @@ pub fn framework() -> tract_onnx::Onnx {
         .with_ignore_output_types(true)
         .with_ignore_output_shapes(true);
     super::onnx_ml::register(&mut onnx.op_register);
+    // After tract's defaults: replaces tract-onnx's tree ensembles.
+    super::tree_ensemble::register(&mut onnx.op_register);
     onnx
 }
 
@@ -25,90 +28,14 @@ pub(crate) fn load(bytes: &[u8]) -> Result<PreparedModel, LoadError> {
     let framework = framework();
     let mut reader = bytes;
     let mut proto = framework.proto_model_for_read(&mut reader).map_err(parse_err)?;
-    fix_binary_tree_ensembles(&mut proto);
     drop_requantization_after_softmax(&mut proto);
+    integer_matmuls_as_float(&mut proto);
     let mut model = framework.model_for_proto_model(&proto).map_err(parse_err)?;
     refuse_unimplemented(&model)?;
     symbolize_free_dims(&mut model)
         .map_err(|e| LoadError::Prepare { reason: format!("{e:#}") })?;
     let typed = model.into_typed().map_err(|e| LoadError::Prepare { reason: format!("{e:#}") })?;
     Ok(PreparedModel { model: typed, inputs: vec![], outputs: vec![] })
-}
-
-/// Binary tree-ensemble classifiers as skl2onnx writes them (gradient
-/// boosting: one score column, every leaf targets class 0, one `base_values`
-/// entry). tract reads this layout but
-/// 1. wants one base value per class label: in this layout only column 0 is
-///    read, so padding with a 0 for the unused column is exact;
-/// 2. picks the label by argmax over the raw score columns, before it turns
-///    the one score into `[1 - p, p]`, which inverts every label. The label
-///    output is recomputed here the way onnxruntime defines it: the class
-///    with the highest probability (ArgMax over the probability output, then
-///    a lookup in the class labels).
-fn fix_binary_tree_ensembles(proto: &mut pb::ModelProto) {
-    let Some(graph) = proto.graph.as_mut() else { return };
-    let mut fixed_nodes = Vec::with_capacity(graph.node.len());
-    let mut new_initializers = Vec::new();
-    for mut node in std::mem::take(&mut graph.node) {
-        let attr = |node: &pb::NodeProto, name: &str| node.attribute.iter().position(|a| a.name == name);
-        let is_binary_layout = node.op_type == "TreeEnsembleClassifier"
-            && node.output.len() == 2
-            && attr(&node, "classlabels_int64s").is_some_and(|ix| node.attribute[ix].ints.len() == 2)
-            && attr(&node, "class_ids").is_some_and(|ix| node.attribute[ix].ints.iter().all(|c| *c == 0));
-        if !is_binary_layout {
-            fixed_nodes.push(node);
-            continue;
-        }
-        if let Some(ix) = attr(&node, "base_values") {
-            if node.attribute[ix].floats.len() == 1 {
-                node.attribute[ix].floats.push(0.0);
-            }
-        }
-        let labels = attr(&node, "classlabels_int64s").map(|ix| node.attribute[ix].ints.clone()).unwrap_or_default();
-        let label_out = node.output[0].clone();
-        let proba_out = node.output[1].clone();
-        let prefix = format!("{}__outpost_binary_label", if node.name.is_empty() { &label_out } else { &node.name });
-        node.output[0] = format!("{prefix}.unused");
-        let labels_name = format!("{prefix}.classes");
-        new_initializers.push(pb::TensorProto {
-            name: labels_name.clone(),
-            dims: vec![2],
-            data_type: pb::tensor_proto::DataType::Int64 as i32,
-            int64_data: labels,
-            ..Default::default()
-        });
-        let argmax = pb::NodeProto {
-            name: format!("{prefix}.argmax"),
-            op_type: "ArgMax".into(),
-            input: vec![proba_out],
-            output: vec![format!("{prefix}.index")],
-            attribute: vec![
-                pb::AttributeProto {
-                    name: "axis".into(),
-                    i: 1,
-                    r#type: pb::attribute_proto::AttributeType::Int as i32,
-                    ..Default::default()
-                },
-                pb::AttributeProto {
-                    name: "keepdims".into(),
-                    i: 0,
-                    r#type: pb::attribute_proto::AttributeType::Int as i32,
-                    ..Default::default()
-                },
-            ],
-            ..Default::default()
-        };
-        let gather = pb::NodeProto {
-            name: format!("{prefix}.lookup"),
-            op_type: "Gather".into(),
-            input: vec![labels_name, format!("{prefix}.index")],
-            output: vec![label_out],
-            ..Default::default()
-        };
-        fixed_nodes.extend([node, argmax, gather]);
-    }
-    graph.node = fixed_nodes;
-    graph.initializer.extend(new_initializers);
 }
 
 /// Static QDQ quantizers (onnxruntime's `quantize_static`) end a classifier
@@ -158,6 +85,125 @@ fn drop_requantization_after_softmax(proto: &mut pb::ModelProto) {
     }
 }
 
+/// Largest inner dimension for which [`integer_matmuls_as_float`] is exact:
+/// every product of two 8-bit values less their zero points is at most
+/// 255 * 255 in magnitude, and a float32 sum of integers is exact below 2^24.
+const EXACT_FLOAT_K: usize = (1 << 24) / (255 * 255);
+
+/// onnxruntime's dynamic quantization (`quantize_dynamic`) turns each
+/// `MatMul` into `DynamicQuantizeLinear -> MatMulInteger -> Cast(float) ->
+/// Mul(scales)`. tract 0.23 expands `MatMulInteger` into about fifteen
+/// operators (offsetting u8 to i8, zero-point corrections, an int8 kernel,
+/// casts): on `bc_mlp_int8.onnx` the int8 model ran 4 times slower than the
+/// float one. When the weights are constant and the result only goes through
+/// `Cast(to=float)`, this load-time rewrite computes the same integer
+/// product as a float `MatMul`: `(A - a_zero_point)` cast to float, times
+/// the constant `(B - b_zero_point)` in float. Each product and every partial
+/// sum is an integer below 2^24 when the inner dimension is at most
+/// [`EXACT_FLOAT_K`], so the result is bit-identical to the int32 one; larger
+/// matrices are left to tract's integer path. Activations are still
+/// quantized per call exactly as onnxruntime does (`DynamicQuantizeLinear`
+/// stays), so outputs keep onnxruntime parity.
+fn integer_matmuls_as_float(proto: &mut pb::ModelProto) {
+    use pb::tensor_proto::DataType;
+    let Some(graph) = proto.graph.as_mut() else { return };
+    // Integer values of a constant 8-bit tensor, and its dims.
+    let int8_constant = |graph: &pb::GraphProto, name: &str| -> Option<(Vec<i64>, Vec<f32>)> {
+        let t = graph.initializer.iter().find(|t| t.name == name)?;
+        let values: Vec<f32> = match (t.data_type, t.raw_data.is_empty()) {
+            (dt, false) if dt == DataType::Int8 as i32 => t.raw_data.iter().map(|b| *b as i8 as f32).collect(),
+            (dt, false) if dt == DataType::Uint8 as i32 => t.raw_data.iter().map(|b| *b as f32).collect(),
+            (dt, true) if dt == DataType::Int8 as i32 || dt == DataType::Uint8 as i32 => {
+                t.int32_data.iter().map(|v| *v as f32).collect()
+            }
+            _ => return None,
+        };
+        let len: i64 = t.dims.iter().product();
+        (len == values.len() as i64).then(|| (t.dims.clone(), values))
+    };
+    let mut ix = 0;
+    while ix < graph.node.len() {
+        let node = &graph.node[ix];
+        if node.op_type != "MatMulInteger" || !node.domain.is_empty() || node.output.len() != 1 {
+            ix += 1;
+            continue;
+        }
+        let out = node.output[0].clone();
+        let only_cast_to_float = graph.node.iter().filter(|n| n.input.contains(&out)).all(|n| {
+            n.op_type == "Cast"
+                && n.attribute.iter().any(|a| a.name == "to" && a.i == DataType::Float as i64)
+        });
+        let weights = node.input.get(1).and_then(|b| int8_constant(graph, b));
+        let b_zero = match node.input.get(3).filter(|n| !n.is_empty()) {
+            None => Some((vec![], vec![0.0])),
+            Some(name) => int8_constant(graph, name),
+        };
+        let (Some((dims, mut b)), Some((zp_dims, zp))) = (weights, b_zero) else {
+            ix += 1;
+            continue;
+        };
+        // Weights [K, N]; a zero point per tensor or per output column.
+        let per_column = zp.len() > 1;
+        let fits = dims.len() == 2
+            && (dims[0] as usize) <= EXACT_FLOAT_K
+            && (!per_column || (zp_dims.len() == 1 && zp_dims[0] == dims[1]));
+        if !only_cast_to_float || !fits {
+            ix += 1;
+            continue;
+        }
+        let cols = dims[1] as usize;
+        for (k, w) in b.iter_mut().enumerate() {
+            *w -= if per_column { zp[k % cols] } else { zp[0] };
+        }
+        let prefix = format!("{}__outpost_float_matmul", if node.name.is_empty() { &out } else { &node.name });
+        let a = node.input[0].clone();
+        let a_zero = node.input.get(2).filter(|n| !n.is_empty()).cloned();
+        let cast = |input: &str, output: String| pb::NodeProto {
+            name: output.clone(),
+            op_type: "Cast".into(),
+            input: vec![input.to_string()],
+            output: vec![output],
+            attribute: vec![pb::AttributeProto {
+                name: "to".into(),
+                i: DataType::Float as i64,
+                r#type: pb::attribute_proto::AttributeType::Int as i32,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let mut replacement = vec![cast(&a, format!("{prefix}.a"))];
+        let mut centered = format!("{prefix}.a");
+        if let Some(a_zero) = a_zero {
+            replacement.push(cast(&a_zero, format!("{prefix}.a_zero_point")));
+            replacement.push(pb::NodeProto {
+                name: format!("{prefix}.a_centered"),
+                op_type: "Sub".into(),
+                input: vec![format!("{prefix}.a"), format!("{prefix}.a_zero_point")],
+                output: vec![format!("{prefix}.a_centered")],
+                ..Default::default()
+            });
+            centered = format!("{prefix}.a_centered");
+        }
+        replacement.push(pb::NodeProto {
+            name: prefix.clone(),
+            op_type: "MatMul".into(),
+            input: vec![centered, format!("{prefix}.b")],
+            output: vec![out],
+            ..Default::default()
+        });
+        graph.initializer.push(pb::TensorProto {
+            name: format!("{prefix}.b"),
+            dims,
+            data_type: DataType::Float as i32,
+            float_data: b,
+            ..Default::default()
+        });
+        let added = replacement.len();
+        graph.node.splice(ix..ix + 1, replacement);
+        ix += added;
+    }
+}
+
 /// tract parses unknown operators into placeholders and only fails when it
 /// types the graph, with a message about the placeholder. Name the operator
 /// and the node up front instead: that is what the user has to act on.
@@ -197,4 +243,49 @@ fn symbolize_free_dims(model: &mut InferenceModel) -> TractResult<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture_proto(name: &str) -> pb::ModelProto {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures").join(name);
+        let bytes = std::fs::read(path).expect("fixture");
+        framework().proto_model_for_read(&mut bytes.as_slice()).expect("fixture parses")
+    }
+
+    fn op_count(proto: &pb::ModelProto, op: &str) -> usize {
+        proto.graph.as_ref().map_or(0, |g| g.node.iter().filter(|n| n.op_type == op).count())
+    }
+
+    #[test]
+    fn dynamic_int8_matmuls_become_exact_float_matmuls() {
+        let mut proto = fixture_proto("bc_mlp_int8.onnx");
+        assert_eq!(op_count(&proto, "MatMulInteger"), 3);
+        integer_matmuls_as_float(&mut proto);
+        assert_eq!(op_count(&proto, "MatMulInteger"), 0);
+        assert_eq!(op_count(&proto, "MatMul"), 3);
+        // Activations are still quantized per call, as onnxruntime does.
+        assert_eq!(op_count(&proto, "DynamicQuantizeLinear"), 3);
+        // The first layer's weights: 30 x 32, minus their zero point.
+        let graph = proto.graph.as_ref().expect("graph");
+        let b = graph.initializer.iter().find(|t| t.name.ends_with(".b")).expect("float weights");
+        assert_eq!(b.dims, vec![30, 32]);
+        assert!(b.float_data.iter().all(|w| w.fract() == 0.0 && w.abs() <= 255.0));
+    }
+
+    #[test]
+    fn integer_matmuls_too_wide_for_exact_float_are_left_alone() {
+        let mut proto = fixture_proto("bc_mlp_int8.onnx");
+        let graph = proto.graph.as_mut().expect("graph");
+        let w = graph.initializer.iter_mut().find(|t| t.name == "coefficient_quantized").expect("weights");
+        // Pretend the inner dimension is past the exact bound.
+        let k = (EXACT_FLOAT_K + 1) as i64;
+        w.dims = vec![k, 1];
+        w.raw_data = vec![1; k as usize];
+        integer_matmuls_as_float(&mut proto);
+        assert_eq!(op_count(&proto, "MatMulInteger"), 1, "the wide one stays integer");
+        assert_eq!(op_count(&proto, "MatMul"), 2);
+    }
 }
