@@ -588,3 +588,61 @@ fn pause_holds_the_next_stage_resume_continues_and_abort_sends_canaries_back() {
     let list = cli(&["rollout", "list"]);
     assert!(list.contains(&id) && list.contains("aborted"), "{list}");
 }
+
+#[test]
+fn a_drift_gate_halts_when_the_canary_sees_shifted_inputs() {
+    let mut lab = Lab::new(&[("s1", &["pi4"], ""), ("s2", &["pi4"], "")]);
+    lab.traffic(0);
+    let id = lab.start(json!({
+        "target": "bc@1.1.0", "stages": [50, 100], "bake": "8s", "max_drift": 1.0, "silence_deadline": "60s",
+    }));
+    let canary = ids_in_stage(&lab.rollout(&id), 0)[0].clone();
+    lab.wait_committed(&canary, "1.1.0");
+    // The canary's world shifts: every feature tripled, 715 rows in five
+    // vectorized requests — more than one drift window.
+    let rows: Vec<Vec<f64>> = std::fs::read_to_string(fixtures().join("data/bc_test.csv"))
+        .expect("csv")
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').take(30).map(|x| 3.0 * x.parse::<f64>().expect("number")).collect())
+        .collect();
+    let port = lab.agents.iter().find(|a| a.id == canary).map(|a| a.port).expect("canary agent");
+    for _ in 0..5 {
+        let (code, body) = http(port, "POST", "/predict/batch", None, &json!({"instances": rows}).to_string()).expect("batch");
+        assert_eq!(code, 200, "{body}");
+    }
+    let halted = lab.wait_rollout(&id, "to halt on drift", |r| r["state"] == "halted");
+    let reason = halted["reason"].as_str().expect("reason");
+    assert!(reason.contains("gate drift failed"), "{reason}");
+    let gate = &halted["stages"][0]["gates"]["drift"];
+    assert_eq!(gate["pass"], false);
+    assert!(gate["value"].as_f64().is_some_and(|v| v > 1.0), "{gate}");
+    // Rolled back by policy; the other device never heard of 1.1.0.
+    assert_eq!(lab.directive(&canary).0, "1.0.0");
+    lab.wait_committed(&canary, "1.0.0");
+    let other = if canary == "s1" { "s2" } else { "s1" };
+    assert_eq!(lab.directive(other).0, "1.0.0");
+}
+
+/// Canary analysis with real devices: the canary fails a share of the
+/// requests its peers on the previous version answer; no fixed threshold is
+/// set, the comparison with the baseline is what halts the rollout.
+#[test]
+fn canary_analysis_halts_when_the_canary_is_worse_than_the_baseline() {
+    let mut lab = Lab::new(&[("c1", &["pi4"], ""), ("c2", &["pi4"], ""), ("c3", &["pi4"], "")]);
+    lab.traffic(0);
+    let id = lab.start(json!({
+        "target": "bc@1.1.0", "stages": [1, 100], "bake": "8s", "compare_to_baseline": true, "silence_deadline": "60s",
+    }));
+    let canary = ids_in_stage(&lab.rollout(&id), 0)[0].clone();
+    lab.wait_committed(&canary, "1.1.0");
+    let port = lab.agents.iter().find(|a| a.id == canary).map(|a| a.port).expect("canary agent");
+    for _ in 0..300 {
+        let _ = http(port, "POST", "/predict", None, &json!({"features": [1.0, 2.0]}).to_string());
+    }
+    let halted = lab.wait_rollout(&id, "to halt on canary analysis", |r| r["state"] == "halted");
+    let reason = halted["reason"].as_str().expect("reason");
+    assert!(reason.contains("canary_analysis"), "{reason}");
+    assert_eq!(halted["stages"][0]["gates"]["canary_analysis"]["pass"], false, "{halted}");
+    lab.wait_committed(&canary, "1.0.0");
+}
