@@ -756,7 +756,7 @@ impl Group {
 }
 
 /// One device's telemetry for one version, summed over recent windows.
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct DeviceWindow {
     pub requests: u64,
     pub input_errors: u64,

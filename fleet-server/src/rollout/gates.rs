@@ -72,18 +72,9 @@ impl Limits {
     }
 }
 
-/// One device's telemetry over the stage, for the new version.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Window {
-    pub requests: u64,
-    pub input_errors: u64,
-    pub failures: u64,
-    pub latency: LatencySketch,
-    pub latency_p99_ms: Option<f64>,
-    pub drift_score: Option<f64>,
-    /// Telemetry windows summed (0: the device did not report).
-    pub windows: u32,
-}
+/// One device's telemetry over the stage, for the new version: the
+/// observations' per-device sum, as it is (`windows` = 0: did not report).
+pub use crate::observations::DeviceWindow as Window;
 
 /// The verdict of the canary analysis (the observations' `CanaryReport`).
 #[derive(Clone, Debug, PartialEq)]

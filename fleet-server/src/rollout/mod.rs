@@ -501,18 +501,7 @@ impl Rollouts {
                 obs.reports.insert(d.id.clone(), report);
             }
             if let Some(w) = window {
-                obs.windows.insert(
-                    d.id.clone(),
-                    gates::Window {
-                        requests: w.requests,
-                        input_errors: w.input_errors,
-                        failures: w.failures,
-                        latency: w.latency,
-                        latency_p99_ms: w.latency_p99_ms,
-                        drift_score: w.drift_score,
-                        windows: w.windows,
-                    },
-                );
+                obs.windows.insert(d.id.clone(), w);
             }
         }
         let stage = r.stages.get(r.stage);
