@@ -723,9 +723,8 @@ impl Agent {
         self.state_dirty = true;
     }
 
-    /// Cut to what a state message may carry.
     fn fit_text(&self, text: String) -> String {
-        cut_at_char_boundary(text, (self.limits.text_bytes as usize).saturating_sub(16))
+        fit_text(text, &self.limits)
     }
 
     fn slots_error(&mut self, reason: String) {
@@ -814,6 +813,12 @@ fn file_sha256(path: &std::path::Path) -> Option<Digest> {
         h.update(&buf[..n]);
     }
     Some(Digest(h.finalize().into()))
+}
+
+/// Free text (an error, a rollback reason) cut to what a state message may
+/// carry: [`Limits::text_bytes`] less room for the message's own quoting.
+pub fn fit_text(text: String, limits: &Limits) -> String {
+    cut_at_char_boundary(text, (limits.text_bytes as usize).saturating_sub(16))
 }
 
 /// `text` cut to at most `max` bytes on a character boundary: a reason may

@@ -550,15 +550,7 @@ impl SimDevice {
     }
 }
 
-/// Free text in protocol messages is bounded ([`Limits::text_bytes`]).
-fn truncate(mut reason: String) -> String {
-    let max = Limits::default().text_bytes as usize - 16;
-    if reason.len() > max {
-        let mut cut = max;
-        while !reason.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        reason.truncate(cut);
-    }
-    reason
+/// Free text in protocol messages is bounded, as the agent bounds it.
+fn truncate(reason: String) -> String {
+    outpost_agent::agent::fit_text(reason, &Limits::default())
 }
