@@ -51,7 +51,7 @@
 //! Measured with `bench/fleet/run.sh` (figures in `bench/fleet/results.md`):
 //! after a rollout the process holds about 3 × the bundle per device (the
 //! chunk log above plus the grown write buffer), so 2,000 devices and a
-//! 100 KiB model peak at 857 MiB; at 10,000 devices the single router thread
+//! 100 KiB model peak at 782–857 MiB; at 10,000 devices the single router thread
 //! does not keep up with connects and telemetry. Up to a few hundred
 //! devices it is the simple choice; above that, use mosquitto.
 

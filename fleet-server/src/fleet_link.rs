@@ -32,19 +32,41 @@
 //! interval. A state or a chunk request waits up to [`PATIENCE`] for room
 //! first: a device publishes its state once per change, and a lost chunk
 //! request costs it its chunk timeout.
+//!
+//! # Chunk replies: bounded memory under a download storm
+//!
+//! Thousands of devices downloading at once ask for far more bytes than the
+//! broker takes per second. Queued without bound, the replies (32 KiB each)
+//! pile up in the MQTT client's request queue — 517 MiB of fleet memory at
+//! 10,000 devices in `bench/fleet` — and are sent so late that the devices
+//! have already timed out and asked again, so the same bytes go out twice.
+//! So a worker never publishes a chunk reply itself: it hands it to one
+//! **chunk sender** through a bounded queue ([`CHUNK_REPLIES_QUEUED`]) and
+//! moves on (a full queue drops the reply, counted as
+//! `chunk_requests_refused{reason="busy"}`; the device asks again after its
+//! chunk timeout). The sender keeps at most [`CHUNK_REPLIES_UNWRITTEN`]
+//! replies inside the client that the event loop has not yet written to
+//! the socket. Replies go out at QoS 0: a chunk is idempotent and the
+//! device re-asks what it misses, and it lets the event loop count written
+//! replies apart from the fleet's QoS 1 messages (a QoS 0 publish is the
+//! only one with packet id 0). A chunk request that waited in a worker
+//! queue longer than [`STALE_CHUNK_REQUEST`] is dropped unanswered
+//! (`reason="stale"`): its device is about to ask again. Fleet memory for
+//! chunks is thus at most (queued + unwritten) × chunk size, about 16 MiB
+//! with the defaults, whatever the number of devices.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use outpost_runtime::bundle::PublicKey;
 use outpost_runtime::protocol::topics::{self, Kind};
 use outpost_runtime::protocol::{
     parse_state_payload, ChunkRequest, DeviceMessage, DeviceSigned, Limits, SketchMessage, StatePayload, Telemetry,
 };
-use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+use rumqttc::{Client, Event, MqttOptions, Outgoing as SentPacket, Packet, QoS};
 
 use crate::artifacts::Artifacts;
 use crate::broker::FLEET_CLIENT_ID;
@@ -60,6 +82,15 @@ const QUEUE: usize = 32_768;
 const PATIENCE: Duration = Duration::from_millis(500);
 /// Worker threads verifying messages (ed25519 verification is ~50 µs).
 const WORKERS: usize = 4;
+/// Chunk replies waiting for the chunk sender (module docs).
+const CHUNK_REPLIES_QUEUED: usize = 256;
+/// Chunk replies handed to the MQTT client and not yet written by its event
+/// loop (module docs).
+const CHUNK_REPLIES_UNWRITTEN: usize = 256;
+/// A chunk request older than this when a worker gets to it is dropped: the
+/// agent's default chunk timeout is 10 s, so by the time an answer arrived
+/// the device would be about to ask again.
+const STALE_CHUNK_REQUEST: Duration = Duration::from_secs(5);
 /// A telemetry message refreshes `last_seen` in the registry at most this
 /// often per device (seconds): the registry fsyncs every write.
 const SEEN_EVERY_SECS: i64 = 60;
@@ -276,6 +307,49 @@ fn shard(device: &str, workers: usize) -> usize {
     (h % workers.max(1) as u64) as usize
 }
 
+/// A message from the event loop to a worker.
+struct Inbound {
+    topic: String,
+    payload: Vec<u8>,
+    arrived: Instant,
+}
+
+/// Chunk replies inside the MQTT client not yet written to the socket.
+#[derive(Default)]
+struct Unwritten {
+    count: Mutex<usize>,
+    room: Condvar,
+}
+
+impl Unwritten {
+    /// Blocks while [`CHUNK_REPLIES_UNWRITTEN`] replies are waiting in the
+    /// client, then counts one more. Waits in slices so that a count lost
+    /// with a connection cannot stall the sender for good.
+    fn wait_for_room(&self) {
+        let mut n = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        while *n >= CHUNK_REPLIES_UNWRITTEN {
+            let (guard, timeout) =
+                self.room.wait_timeout(n, Duration::from_secs(1)).unwrap_or_else(|p| p.into_inner());
+            n = guard;
+            if timeout.timed_out() && *n >= CHUNK_REPLIES_UNWRITTEN {
+                log::debug!("mqtt: chunk replies still unwritten after 1 s");
+            }
+        }
+        *n += 1;
+    }
+
+    fn written(&self) {
+        let mut n = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        *n = n.saturating_sub(1);
+        self.room.notify_one();
+    }
+
+    fn reset(&self) {
+        *self.count.lock().unwrap_or_else(|p| p.into_inner()) = 0;
+        self.room.notify_all();
+    }
+}
+
 /// The running link.
 pub struct FleetLink {
     pub client: Client,
@@ -298,22 +372,50 @@ pub fn start(opts: LinkOptions, inbox: Arc<Inbox>, on_connect: Arc<dyn Fn(&Clien
     let (client, mut connection) = Client::new(mqtt, 10_000);
     let connected = Arc::new(AtomicBool::new(false));
 
+    // Chunk replies: workers -> bounded queue -> one sender (module docs).
+    let unwritten = Arc::new(Unwritten::default());
+    let (chunk_tx, chunk_rx) = sync_channel::<(String, Vec<u8>)>(CHUNK_REPLIES_QUEUED);
+    {
+        let client = client.clone();
+        let unwritten = unwritten.clone();
+        let spawned = std::thread::Builder::new().name("mqtt-chunks".into()).spawn(move || {
+            while let Ok((topic, bytes)) = chunk_rx.recv() {
+                unwritten.wait_for_room();
+                if let Err(e) = client.publish(topic.clone(), QoS::AtMostOnce, false, bytes) {
+                    unwritten.written();
+                    log::warn!("mqtt: sending a chunk on {topic}: {e}");
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            log::error!("mqtt: starting the chunk sender: {e}");
+        }
+    }
+
     // One queue per worker, and each device's messages always to the same
     // worker: a device's messages are then verified in the order it sent
     // them. With one shared queue, two workers could open a device's chunk
     // requests c and c+1 in the wrong order, refuse c as a replay, and leave
     // the device waiting out its chunk timeout (seen in bench/fleet).
-    let mut txs: Vec<SyncSender<(String, Vec<u8>)>> = Vec::with_capacity(WORKERS);
+    let mut txs: Vec<SyncSender<Inbound>> = Vec::with_capacity(WORKERS);
     for i in 0..WORKERS {
-        let (tx, rx): (SyncSender<(String, Vec<u8>)>, Receiver<(String, Vec<u8>)>) = sync_channel(QUEUE / WORKERS);
+        let (tx, rx): (SyncSender<Inbound>, Receiver<Inbound>) = sync_channel(QUEUE / WORKERS);
         txs.push(tx);
         let inbox = inbox.clone();
-        let client = client.clone();
+        let chunk_tx = chunk_tx.clone();
         let spawned = std::thread::Builder::new().name(format!("mqtt-worker-{i}")).spawn(move || loop {
-            let Ok((topic, payload)) = rx.recv() else { return };
-            if let Some((reply_topic, bytes)) = inbox.handle(&topic, &payload) {
-                if let Err(e) = client.publish(reply_topic, QoS::AtLeastOnce, false, bytes) {
-                    log::warn!("mqtt: answering on {topic}: {e}");
+            let Ok(Inbound { topic, payload, arrived }) = rx.recv() else { return };
+            let is_chunk_request = matches!(topics::parse(&topic), Some((_, Kind::ChunkRequest)));
+            if is_chunk_request && arrived.elapsed() > STALE_CHUNK_REQUEST {
+                inbox.metrics.chunk_refused("stale");
+                continue;
+            }
+            // Only chunk requests are answered.
+            if let Some(reply) = inbox.handle(&topic, &payload) {
+                match chunk_tx.try_send(reply) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(_)) => inbox.metrics.chunk_refused("busy"),
+                    Err(TrySendError::Disconnected(_)) => return,
                 }
             }
         });
@@ -321,6 +423,7 @@ pub fn start(opts: LinkOptions, inbox: Arc<Inbox>, on_connect: Arc<dyn Fn(&Clien
             log::error!("mqtt: starting worker {i}: {e}");
         }
     }
+    drop(chunk_tx);
 
     let flag = connected.clone();
     let loop_client = client.clone();
@@ -356,8 +459,8 @@ pub fn start(opts: LinkOptions, inbox: Arc<Inbox>, on_connect: Arc<dyn Fn(&Clien
                         Some(Kind::State | Kind::ChunkRequest) => PATIENCE,
                         _ => Duration::ZERO,
                     };
-                    let started = std::time::Instant::now();
-                    let mut item = (p.topic.clone(), p.payload.to_vec());
+                    let started = Instant::now();
+                    let mut item = Inbound { topic: p.topic.clone(), payload: p.payload.to_vec(), arrived: started };
                     loop {
                         match txs[worker].try_send(item) {
                             Ok(()) => break,
@@ -373,8 +476,15 @@ pub fn start(opts: LinkOptions, inbox: Arc<Inbox>, on_connect: Arc<dyn Fn(&Clien
                         }
                     }
                 }
+                // A QoS 0 publish (packet id 0) is a chunk reply leaving
+                // the client (module docs).
+                Ok(Event::Outgoing(SentPacket::Publish(0))) => unwritten.written(),
                 Ok(_) => {}
                 Err(e) => {
+                    // Replies still queued in the client go out after the
+                    // reconnection and count down then; ones lost with the
+                    // connection never would, so start counting afresh.
+                    unwritten.reset();
                     if flag.swap(false, Ordering::SeqCst) {
                         log::warn!("mqtt: link to {}:{} lost: {e}; reconnecting", opts.host, opts.port);
                     } else {
@@ -389,4 +499,36 @@ pub fn start(opts: LinkOptions, inbox: Arc<Inbox>, on_connect: Arc<dyn Fn(&Clien
         log::error!("mqtt: starting the event loop: {e}");
     }
     FleetLink { client, connected }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_sender_waits_for_written_replies() {
+        let u = Arc::new(Unwritten::default());
+        for _ in 0..CHUNK_REPLIES_UNWRITTEN {
+            u.wait_for_room();
+        }
+        // The next reply must wait until the event loop writes one.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = {
+            let u = u.clone();
+            std::thread::spawn(move || {
+                u.wait_for_room();
+                tx.send(()).expect("test channel");
+            })
+        };
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err(), "a full client must hold the sender back");
+        u.written();
+        rx.recv_timeout(Duration::from_secs(5)).expect("one written reply makes room for one more");
+        waiter.join().expect("waiter");
+        assert_eq!(*u.count.lock().expect("count"), CHUNK_REPLIES_UNWRITTEN);
+        // A lost connection forgets the count instead of stalling for good.
+        u.reset();
+        assert_eq!(*u.count.lock().expect("count"), 0);
+        u.written();
+        assert_eq!(*u.count.lock().expect("count"), 0, "never below zero");
+    }
 }
