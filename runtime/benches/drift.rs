@@ -25,8 +25,12 @@
 //! criterion groups (no group matches that filter) and prints the summary.
 //!
 //! Devices are built with the `device` profile (opt-level "z"), which does
-//! not vectorise; the update path is written to be fast there too (on x86:
-//! ~335 ns per request at opt-level 3, ~415 ns at "z").
+//! not vectorise; the update path is written to be fast there too (explicit
+//! SSE2/NEON across columns, see `drift::monitor`). On x86, per request:
+//! ~115 ns at opt-level 3 (1.4% of bc_mlp inference; the per-column path
+//! before it ~245 ns, 3.0%), ~140 ns at "z"
+//! (`CARGO_PROFILE_BENCH_OPT_LEVEL=z cargo bench … -- summary-only`; was
+//! ~315 ns).
 
 use std::hint::black_box;
 use std::path::PathBuf;
