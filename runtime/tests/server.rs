@@ -90,7 +90,12 @@ fn batch_endpoint_is_one_vectorized_run_matching_single_predictions() {
     for (i, row) in rows.iter().enumerate().step_by(13) {
         let single = c.post_json("/predict", &features_body(row)).json();
         assert_eq!(predictions[i], single["prediction"], "row {i}");
-        assert_eq!(probabilities[i], single["probability"], "row {i}");
+        // Equal up to float rounding, not bit for bit: tract picks matrix
+        // kernels by the number of rows and the CPU (an AVX-512 machine
+        // differs in the last bit at row 26 where an AVX2 one does not).
+        let (batched, alone) = (probabilities[i].as_f64(), single["probability"].as_f64());
+        let (Some(batched), Some(alone)) = (batched, alone) else { panic!("row {i}: probabilities are numbers") };
+        assert!((batched - alone).abs() <= 1e-6, "row {i}: batched {batched} vs single {alone}");
     }
     // One model run of all the rows.
     let after = c.get("/metrics").text();

@@ -61,7 +61,7 @@ impl Job {
 pub(crate) fn drive(shared: &Shared) {
     loop {
         let batch = {
-            let _gathering = match shared.gather.try_lock() {
+            let gathering = match shared.gather.try_lock() {
                 Ok(guard) => guard,
                 // A panic while gathering left no inconsistent state behind.
                 Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
@@ -70,7 +70,19 @@ pub(crate) fn drive(shared: &Shared) {
             };
             match gather(shared) {
                 Some(batch) => batch,
-                None => return,
+                None => {
+                    // The re-check, after letting go: a worker that queued
+                    // a job while we held the lock found it taken and left
+                    // its job to us. Without it that job waited for the
+                    // next request — forever for a client waiting for this
+                    // answer before it sends another (seen in a test once
+                    // idle workers poll and pick requests up at once).
+                    drop(gathering);
+                    if shared.jobs.len() == 0 {
+                        return;
+                    }
+                    continue;
+                }
             }
         };
         run_batch(shared, batch);

@@ -36,6 +36,14 @@ pub struct ServerConfig {
     pub io_timeout: Duration,
     /// Seconds a shed client is told to wait (`Retry-After`).
     pub retry_after_secs: u32,
+    /// How long a worker that has just answered keeps polling for the next
+    /// request before it sleeps. Waking a sleeping thread on an idle core
+    /// costs tens of µs (a virtual machine's idle vCPU more); a request that
+    /// arrives within the spin skips it. Measured on 2 vCPUs at one
+    /// connection: p50 121 µs without, 75 µs with 200 µs, throughput at 32
+    /// connections unchanged. It costs at most this much CPU per request
+    /// when requests are rare; zero turns it off (battery-powered devices).
+    pub idle_spin: Duration,
 }
 
 impl Default for ServerConfig {
@@ -49,6 +57,7 @@ impl Default for ServerConfig {
             max_batch: 32,
             io_timeout: Duration::from_secs(30),
             retry_after_secs: 1,
+            idle_spin: Duration::from_micros(200),
         }
     }
 }

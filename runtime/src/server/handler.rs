@@ -5,13 +5,15 @@
 //! - tiny_http's own threads accept connections and read each request's
 //!   head (one thread per connection; bodies up to 1 KiB are read there too)
 //!   and put the request in tiny_http's queue.
-//! - **Workers** (`threads`) take turns at that queue (leader/follower): one
-//!   worker at a time waits on it, and the worker that gets a request hands
-//!   the turn on and handles the request itself — reads the body, parses and
-//!   validates it against the model, runs it, answers. No thread-to-thread
-//!   hand-off on the way, which is what a request costs most on a small
-//!   device besides the model. Probes (`/health`, `/ready`, v2 health), 404
-//!   and 405 are answered at once.
+//! - Idle **workers** (`threads`) all wait at that queue; tiny_http wakes
+//!   one per request, and that worker handles the request itself — reads
+//!   the body, parses and validates it against the model, runs it, answers.
+//!   One thread wake-up per request and no other hand-off, which is what a
+//!   request costs most on a small device besides the model. (Workers used
+//!   to take turns at the queue behind a mutex, leader/follower; handing
+//!   the turn on woke a second thread per request. Our tiny_http patch 3
+//!   made waiting side by side safe.) Probes (`/health`, `/ready`, v2
+//!   health), 404 and 405 are answered at once.
 //! - The **overflow dispatcher** takes over the queue only while every
 //!   worker is busy. It answers probes itself (so an orchestrator's probes
 //!   keep working when the workers are saturated) and puts everything else
@@ -72,8 +74,6 @@ pub(crate) struct Shared {
     /// The tiny_http server requests come from (replaced if its listener fails).
     pub http: Mutex<Arc<tiny_http::Server>>,
     pub local_addr: std::net::SocketAddr,
-    /// The turn at tiny_http's queue: one worker waits on it at a time.
-    pub recv_turn: Mutex<()>,
     /// Workers handling a request (not waiting for one), out of `workers`.
     pub busy: AtomicUsize,
     pub workers: usize,
@@ -270,8 +270,8 @@ pub(crate) fn overflow(shared: &Shared) {
         }
         let server = shared.current_server();
         while shared.busy.load(Ordering::Acquire) >= shared.workers && !shared.stopping.load(Ordering::Acquire) {
-            // Polls rather than waits: a worker may be waiting on tiny_http's
-            // queue already (see `work`), and it must be the only waiter.
+            // Polls rather than waits: it must see `busy` drop (a worker
+            // free again takes requests itself) within 100 µs.
             match server.try_recv() {
                 Ok(Some(rq)) => {
                     if let Some(work) = admit(shared, rq) {
@@ -279,7 +279,7 @@ pub(crate) fn overflow(shared: &Shared) {
                     }
                 }
                 Ok(None) => std::thread::sleep(Duration::from_micros(100)),
-                // The listener failed; the worker holding the turn re-listens.
+                // The listener failed; the worker that got the error re-listens.
                 Err(_) => std::thread::sleep(Duration::from_millis(10)),
             }
         }
@@ -349,12 +349,29 @@ fn release_pending(shared: &Shared) {
 
 // ------------------------------------------------------------------- workers
 
-/// How long the worker holding the turn waits on tiny_http's queue before
-/// looking at the work queue again.
-const TURN_WAIT: Duration = Duration::from_millis(50);
+/// How long an idle worker waits on tiny_http's queue before looking at
+/// the work queue again.
+const IDLE_WAIT: Duration = Duration::from_millis(50);
 
-/// A worker: handles queued work first, else takes its turn at tiny_http's
-/// queue; see the module docs.
+/// A request from tiny_http's queue if one comes within `spin`, polling.
+fn poll_for(server: &tiny_http::Server, spin: Duration) -> Option<Request> {
+    if spin.is_zero() {
+        return None;
+    }
+    let until = Instant::now() + spin;
+    loop {
+        if let Ok(Some(rq)) = server.try_recv() {
+            return Some(rq);
+        }
+        if Instant::now() >= until {
+            return None;
+        }
+        std::hint::spin_loop();
+    }
+}
+
+/// A worker: handles queued work first, else waits at tiny_http's queue;
+/// see the module docs.
 pub(crate) fn work(shared: &Arc<Shared>) {
     loop {
         if let Some(w) = shared.work.try_pop() {
@@ -362,43 +379,37 @@ pub(crate) fn work(shared: &Arc<Shared>) {
             handle_work(shared, w);
             continue;
         }
-        let rq = {
-            let _turn = shared.recv_turn.lock().unwrap_or_else(|p| p.into_inner());
-            // The overflow dispatcher may have queued work while we waited.
-            if let Some(w) = shared.work.try_pop() {
-                drop(_turn);
-                let _busy = Busy::new(shared);
-                handle_work(shared, w);
-                continue;
-            }
-            if shared.stopping.load(Ordering::Acquire) {
+        if shared.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        let server = shared.current_server();
+        // Every idle worker waits here at once, and tiny_http wakes one per
+        // request. A bounded wait, so work the overflow dispatcher queued
+        // just after we looked is picked up soon even if its wake-up went
+        // to another worker. (This needs our patch 3 to tiny_http's
+        // queue: upstream, a wake-up that reached a waiter just timing out
+        // stranded the request, so workers used to take turns here behind a
+        // mutex — and handing the turn on woke a second thread per request.)
+        // Poll a little before sleeping (`ServerConfig::idle_spin`).
+        let spun = poll_for(&server, shared.config.idle_spin);
+        let rq = if let Some(rq) = spun { rq } else { match server.recv_timeout(IDLE_WAIT) {
+            Ok(Some(rq)) => rq,
+            // Timed out, or woken by `unblock`: look at the queue again.
+            Ok(None) => continue,
+            Err(e) if shared.stopping.load(Ordering::Acquire) => {
+                log::debug!("worker stopping: {e}");
                 return;
             }
-            let server = shared.current_server();
-            // A bounded wait, so work the overflow dispatcher queued just
-            // after we looked is picked up soon even if its wake-up is lost.
-            // (Only the turn holder ever waits on tiny_http's queue:
-            // tiny_http wakes one waiter per request, and with two waiters a
-            // wake-up can go to one whose wait is timing out, stranding the
-            // request.)
-            match server.recv_timeout(TURN_WAIT) {
-                Ok(Some(rq)) => rq,
-                // Timed out, or woken by `unblock`: look at the queue again.
-                Ok(None) => continue,
-                Err(e) if shared.stopping.load(Ordering::Acquire) => {
-                    log::debug!("worker stopping: {e}");
-                    return;
-                }
-                Err(e) => {
-                    // tiny_http's accept loop ends on its first error (e.g.
-                    // out of file descriptors): listen again rather than
-                    // leave a process that is alive but deaf.
-                    log::error!("the HTTP listener failed ({e}); listening again on {}", shared.local_addr);
-                    relisten(shared, server);
-                    continue;
-                }
+            Err(e) => {
+                // tiny_http's accept loop ends on its first error (e.g.
+                // out of file descriptors): listen again rather than
+                // leave a process that is alive but deaf. The error is
+                // queued once, so one worker re-listens.
+                log::error!("the HTTP listener failed ({e}); listening again on {}", shared.local_addr);
+                relisten(shared, server);
+                continue;
             }
-        };
+        }};
         let _busy = Busy::new(shared);
         if let Some(w) = admit(shared, rq) {
             handle_work(shared, w);

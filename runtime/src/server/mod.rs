@@ -110,7 +110,6 @@ impl Server {
             stopping: AtomicBool::new(false),
             http: Mutex::new(Arc::new(http)),
             local_addr,
-            recv_turn: Mutex::new(()),
             busy: AtomicUsize::new(0),
             workers,
             all_busy: (Mutex::new(()), std::sync::Condvar::new()),

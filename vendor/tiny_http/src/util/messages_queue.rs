@@ -30,6 +30,10 @@ where
     pub fn push(&self, value: T) {
         let mut queue = self.queue.lock().unwrap();
         queue.push_back(Control::Elem(value));
+        // OUTPOST PATCH (3): notify after unlocking, so the woken thread
+        // does not find the lock still held and go back to sleep on it
+        // (two more futex calls and a context switch per request).
+        drop(queue);
         self.condvar.notify_one();
     }
 
@@ -68,9 +72,16 @@ where
     /// Tries to pop an element without blocking
     /// more than the specified timeout duration
     /// or unblock() was issued
+    ///
+    /// OUTPOST PATCH (3): the queue is looked at again after every wake-up,
+    /// timed out or not. Upstream returned `None` as soon as the wait timed
+    /// out, and a `push` whose `notify_one` went to a waiter just timing out
+    /// left its element in the queue with nobody woken for it (stranded
+    /// until the next pop), so two threads could not wait here at once.
+    /// Upstream also waited the whole timeout again after a spurious wake.
     pub fn pop_timeout(&self, timeout: Duration) -> Option<T> {
+        let deadline = Instant::now() + timeout;
         let mut queue = self.queue.lock().unwrap();
-        let mut duration = timeout;
         loop {
             match queue.pop_front() {
                 Some(Control::Elem(value)) => return Some(value),
@@ -78,19 +89,10 @@ where
                 None => (),
             }
             let now = Instant::now();
-            let (_queue, result) = self.condvar.wait_timeout(queue, timeout).unwrap();
-            queue = _queue;
-            let sleep_time = now.elapsed();
-            duration = if duration > sleep_time {
-                duration - sleep_time
-            } else {
-                Duration::from_millis(0)
-            };
-            if result.timed_out()
-                || (duration.as_secs() == 0 && duration.subsec_nanos() < 1_000_000)
-            {
+            if now >= deadline {
                 return None;
             }
+            queue = self.condvar.wait_timeout(queue, deadline - now).unwrap().0;
         }
     }
 }
