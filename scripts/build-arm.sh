@@ -52,10 +52,16 @@ need_apt=()
 for t in "${targets[@]}"; do
   case "$t" in
     aarch64-unknown-linux-musl)
-      command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || need_apt+=(gcc-aarch64-linux-gnu) ;;
+      command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || need_apt+=(gcc-aarch64-linux-gnu)
+      # ring (rustls' crypto, for mqtts and HTTPS downloads) compiles C that
+      # includes <stdint.h>: the target's libc headers, which the cross gcc
+      # only recommends (and --no-install-recommends skips).
+      [ -f /usr/aarch64-linux-gnu/include/stdint.h ] || need_apt+=(libc6-dev-arm64-cross) ;;
     armv7-unknown-linux-gnueabihf)
-      # libc6-dev-armhf-cross (a dependency) brings the static glibc.
-      command -v arm-linux-gnueabihf-gcc >/dev/null 2>&1 || need_apt+=(gcc-arm-linux-gnueabihf) ;;
+      command -v arm-linux-gnueabihf-gcc >/dev/null 2>&1 || need_apt+=(gcc-arm-linux-gnueabihf)
+      # The static glibc (libc.a, CRT objects) and its headers (ring's C):
+      # only recommended by the cross gcc, so named here.
+      [ -f /usr/arm-linux-gnueabihf/include/stdint.h ] || need_apt+=(libc6-dev-armhf-cross) ;;
   esac
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
