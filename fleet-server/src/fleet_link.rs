@@ -311,6 +311,8 @@ fn shard(device: &str, workers: usize) -> usize {
 struct Inbound {
     topic: String,
     payload: Vec<u8>,
+    /// The topic is a chunk request's (parsed once, by the event loop).
+    chunk_request: bool,
     arrived: Instant,
 }
 
@@ -323,17 +325,13 @@ struct Unwritten {
 
 impl Unwritten {
     /// Blocks while [`CHUNK_REPLIES_UNWRITTEN`] replies are waiting in the
-    /// client, then counts one more. Waits in slices so that a count lost
-    /// with a connection cannot stall the sender for good.
+    /// client, then counts one more. A count lost with a connection cannot
+    /// stall the sender for good: the event loop calls [`reset`](Self::reset)
+    /// on every connection error.
     fn wait_for_room(&self) {
         let mut n = self.count.lock().unwrap_or_else(|p| p.into_inner());
         while *n >= CHUNK_REPLIES_UNWRITTEN {
-            let (guard, timeout) =
-                self.room.wait_timeout(n, Duration::from_secs(1)).unwrap_or_else(|p| p.into_inner());
-            n = guard;
-            if timeout.timed_out() && *n >= CHUNK_REPLIES_UNWRITTEN {
-                log::debug!("mqtt: chunk replies still unwritten after 1 s");
-            }
+            n = self.room.wait(n).unwrap_or_else(|p| p.into_inner());
         }
         *n += 1;
     }
@@ -404,9 +402,8 @@ pub fn start(opts: LinkOptions, inbox: Arc<Inbox>, on_connect: Arc<dyn Fn(&Clien
         let inbox = inbox.clone();
         let chunk_tx = chunk_tx.clone();
         let spawned = std::thread::Builder::new().name(format!("mqtt-worker-{i}")).spawn(move || loop {
-            let Ok(Inbound { topic, payload, arrived }) = rx.recv() else { return };
-            let is_chunk_request = matches!(topics::parse(&topic), Some((_, Kind::ChunkRequest)));
-            if is_chunk_request && arrived.elapsed() > STALE_CHUNK_REQUEST {
+            let Ok(Inbound { topic, payload, chunk_request, arrived }) = rx.recv() else { return };
+            if chunk_request && arrived.elapsed() > STALE_CHUNK_REQUEST {
                 inbox.metrics.chunk_refused("stale");
                 continue;
             }
@@ -460,7 +457,12 @@ pub fn start(opts: LinkOptions, inbox: Arc<Inbox>, on_connect: Arc<dyn Fn(&Clien
                         _ => Duration::ZERO,
                     };
                     let started = Instant::now();
-                    let mut item = Inbound { topic: p.topic.clone(), payload: p.payload.to_vec(), arrived: started };
+                    let mut item = Inbound {
+                        topic: p.topic.clone(),
+                        payload: p.payload.to_vec(),
+                        chunk_request: matches!(parsed, Some((_, Kind::ChunkRequest))),
+                        arrived: started,
+                    };
                     loop {
                         match txs[worker].try_send(item) {
                             Ok(()) => break,

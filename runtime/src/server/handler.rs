@@ -384,32 +384,36 @@ pub(crate) fn work(shared: &Arc<Shared>) {
         }
         let server = shared.current_server();
         // Every idle worker waits here at once, and tiny_http wakes one per
-        // request. A bounded wait, so work the overflow dispatcher queued
-        // just after we looked is picked up soon even if its wake-up went
-        // to another worker. (This needs our patch 3 to tiny_http's
+        // request; first it polls a little (`ServerConfig::idle_spin`), so
+        // a request that comes meanwhile skips the wake-up. The wait is
+        // bounded, so work the overflow dispatcher queued just after we
+        // looked is picked up soon even if its wake-up went to another
+        // worker. (Waiting side by side needs our patch 3 to tiny_http's
         // queue: upstream, a wake-up that reached a waiter just timing out
         // stranded the request, so workers used to take turns here behind a
         // mutex — and handing the turn on woke a second thread per request.)
-        // Poll a little before sleeping (`ServerConfig::idle_spin`).
-        let spun = poll_for(&server, shared.config.idle_spin);
-        let rq = if let Some(rq) = spun { rq } else { match server.recv_timeout(IDLE_WAIT) {
-            Ok(Some(rq)) => rq,
-            // Timed out, or woken by `unblock`: look at the queue again.
-            Ok(None) => continue,
-            Err(e) if shared.stopping.load(Ordering::Acquire) => {
-                log::debug!("worker stopping: {e}");
-                return;
-            }
-            Err(e) => {
-                // tiny_http's accept loop ends on its first error (e.g.
-                // out of file descriptors): listen again rather than
-                // leave a process that is alive but deaf. The error is
-                // queued once, so one worker re-listens.
-                log::error!("the HTTP listener failed ({e}); listening again on {}", shared.local_addr);
-                relisten(shared, server);
-                continue;
-            }
-        }};
+        let polled = poll_for(&server, shared.config.idle_spin);
+        let rq = match polled {
+            Some(rq) => rq,
+            None => match server.recv_timeout(IDLE_WAIT) {
+                Ok(Some(rq)) => rq,
+                // Timed out, or woken by `unblock`: look at the queue again.
+                Ok(None) => continue,
+                Err(e) if shared.stopping.load(Ordering::Acquire) => {
+                    log::debug!("worker stopping: {e}");
+                    return;
+                }
+                Err(e) => {
+                    // tiny_http's accept loop ends on its first error (e.g.
+                    // out of file descriptors): listen again rather than
+                    // leave a process that is alive but deaf. The error is
+                    // queued once, so one worker re-listens.
+                    log::error!("the HTTP listener failed ({e}); listening again on {}", shared.local_addr);
+                    relisten(shared, server);
+                    continue;
+                }
+            },
+        };
         let _busy = Busy::new(shared);
         if let Some(w) = admit(shared, rq) {
             handle_work(shared, w);
