@@ -36,8 +36,9 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 30)]
     pub io_timeout_secs: u64,
     /// Microseconds a worker keeps polling for the next request before it
-    /// sleeps: cuts the wake-up from each request's latency at the cost of
-    /// that much CPU after the last one (0 = off, for battery devices).
+    /// sleeps (yielding its core to anything else runnable): cuts the
+    /// wake-up from each request's latency at the cost of up to that much
+    /// CPU after the last one (0 = off, for battery devices).
     #[arg(long, default_value_t = 200)]
     pub idle_spin_us: u64,
     /// Streaming over MQTT beside HTTP (`--mqtt URL --mqtt-in FILTER`).
@@ -52,9 +53,6 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     use std::time::{Duration, Instant};
 
     let started = Instant::now();
-    // Before any thread exists: tiny_http runs a thread per connection, and
-    // glibc would otherwise give many of them a malloc arena of their own.
-    outpost_runtime::server::memory::limit_malloc_arenas(2);
     let config = ServerConfig {
         listen: args.listen.clone(),
         threads: args.threads.unwrap_or(0),
@@ -66,6 +64,9 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         idle_spin: Duration::from_micros(args.idle_spin_us),
         ..ServerConfig::default()
     };
+    // Before any thread exists: an arena for each thread that allocates per
+    // request (workers, the overflow dispatcher, main), and no more.
+    outpost_runtime::server::memory::limit_malloc_arenas(config.worker_threads() + 2);
     let deployed = load_for_serving(&args)?;
     let info = deployed.info().clone();
     let slot = Arc::new(ModelSlot::with(deployed));

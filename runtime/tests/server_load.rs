@@ -110,9 +110,11 @@ fn overload_is_shed_with_503_and_retry_after_from_a_bounded_queue() {
     let (rows, _) = bc_test_rows();
     let good = features_body(&rows[0]).to_string();
 
-    // The only worker blocks reading a body that is still on its way.
+    // The only worker blocks reading a body that is still on its way (one
+    // larger than what the server buffers before handing a request to a
+    // worker, 64 KiB: a smaller one would hold no worker while it arrives).
     let mut busy = Client::connect(addr);
-    let padded = format!("{good}{}", " ".repeat(2000));
+    let padded = format!("{good}{}", " ".repeat(70_000));
     let (first, second) = padded.as_bytes().split_at(10);
     busy.send("POST", "/predict", &[("Content-Length", &padded.len().to_string())], first);
     std::thread::sleep(Duration::from_millis(200));

@@ -12,7 +12,9 @@
 //!    arrival) ends, or **no other request is on its way** — no job queued,
 //!    no admitted request still being read or parsed, and no other worker
 //!    busy (an idle worker would have taken any request that arrived, and
-//!    would be busy with it). That last rule is
+//!    would be busy with it) — and, with the event-driven server, no
+//!    request waiting unread in its socket: the gatherer takes such a
+//!    request itself (it joins the batch). That last rule is
 //!    why a lone request never waits out the window, and since the worker
 //!    that parsed it runs it, a lone request costs what it costs without
 //!    batching: at low load batching is free.
@@ -30,7 +32,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::handler::{finish, run_model, Reply, Shared};
+use super::handler::{finish, run_model, take_ready_request, Reply, Shared};
 use super::queue::Timed;
 use super::request::{append, empty_values, Render};
 use super::slot::Deployed;
@@ -110,7 +112,14 @@ fn gather(shared: &Shared) -> Option<Vec<Job>> {
     while rows < max_rows {
         let next = match shared.jobs.try_pop() {
             Some(job) => job,
-            None if nobody_coming(shared) => break,
+            // Nobody else is bringing one; one may be waiting unread in its
+            // socket (event-driven server), and the gatherer takes it itself.
+            None if nobody_coming(shared) => {
+                if take_ready_request(shared) {
+                    continue;
+                }
+                break;
+            }
             None => match shared.jobs.pop_or_wake(deadline) {
                 Timed::Item(job) => job,
                 Timed::Woken => continue,

@@ -2,27 +2,30 @@
 //!
 //! Threads, and why:
 //!
-//! - tiny_http's own threads accept connections and read each request's
-//!   head (one thread per connection; bodies up to 1 KiB are read there too)
-//!   and put the request in tiny_http's queue.
-//! - Idle **workers** (`threads`) all wait at that queue; tiny_http wakes
-//!   one per request, and that worker handles the request itself — reads
-//!   the body, parses and validates it against the model, runs it, answers.
-//!   One thread wake-up per request and no other hand-off, which is what a
-//!   request costs most on a small device besides the model. (Workers used
-//!   to take turns at the queue behind a mutex, leader/follower; handing
-//!   the turn on woke a second thread per request. Our tiny_http patch 3
-//!   made waiting side by side safe.) Probes (`/health`, `/ready`, v2
-//!   health), 404 and 405 are answered at once.
-//! - The **overflow dispatcher** takes over the queue only while every
-//!   worker is busy. It answers probes itself (so an orchestrator's probes
-//!   keep working when the workers are saturated) and puts everything else
-//!   in the bounded work queue, which workers empty before taking new
-//!   requests; a request that finds that queue full is answered 503 with
-//!   `Retry-After` at once. tiny_http's own queue therefore never holds more
-//!   than what arrived since the dispatcher last looked, and overload is
-//!   shed instead of queued without end. (With batching on, the queue of
-//!   parsed requests waiting for a batch is bounded the same way.)
+//! - There is no thread per connection (on Linux: our tiny_http patch 4,
+//!   its `evented` module). Every connection waits in one epoll set, and
+//!   idle **workers** (`threads`) all wait there; the kernel wakes one per
+//!   ready connection, and that worker reads the request (its body too, up
+//!   to 64 KiB, before the request is handed over — a client sending slowly
+//!   holds no worker), handles it itself — parses and validates it against
+//!   the model, runs it — and writes the answer. One wake-up per request at
+//!   most, and under load none: a worker goes from answer to next request
+//!   with a read, a write and a re-arm, and requests waiting their turn
+//!   wait in their sockets (one per connection at most, connections
+//!   bounded), not in a queue of ours. Probes (`/health`, `/ready`, v2
+//!   health), 404 and 405 are answered at once. Elsewhere than Linux,
+//!   upstream tiny_http reads each connection on a thread of its own and
+//!   queues requests for the workers, who take them the same way.
+//! - The **overflow dispatcher** steps in only when every worker is stuck:
+//!   all busy, and none has finished a request for [`STUCK_AFTER`] (with
+//!   upstream tiny_http: as soon as all are busy, since its queue grows
+//!   meanwhile). It answers probes itself (so an orchestrator's probes keep
+//!   working when the workers are held up by slow clients or long batches)
+//!   and puts everything else in the bounded work queue, which workers
+//!   empty before taking new requests; a request that finds that queue
+//!   full is answered 503 with `Retry-After` at once. Overload is shed
+//!   instead of queued without end. (With batching on, the queue of parsed
+//!   requests waiting for a batch is bounded the same way.)
 //! - With dynamic batching on, a validated request that can be merged
 //!   becomes a [`Job`] in the batch queue, and the worker then tries to
 //!   gather and run a batch itself; see [`super::batching`].
@@ -32,8 +35,8 @@
 
 use std::io::Read;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::gauge::Gauge;
@@ -72,18 +75,48 @@ pub(crate) struct Shared {
     pub gathering: AtomicBool,
     pub stopping: AtomicBool,
     /// The tiny_http server requests come from (replaced if its listener fails).
-    pub http: Mutex<Arc<tiny_http::Server>>,
+    pub http: RwLock<Arc<tiny_http::Server>>,
     pub local_addr: std::net::SocketAddr,
     /// Workers handling a request (not waiting for one), out of `workers`.
     pub busy: AtomicUsize,
     pub workers: usize,
     /// Signalled when every worker is busy: the overflow dispatcher's cue.
     pub all_busy: (Mutex<()>, std::sync::Condvar),
+    /// The overflow dispatcher waits on `all_busy` (only then is it signalled).
+    pub overflow_waiting: AtomicBool,
+    /// How long every worker must have been busy without a break before the
+    /// dispatcher steps in: zero with upstream tiny_http (whose queue grows
+    /// while workers are busy), [`STUCK_AFTER`] with the event-driven one.
+    pub overflow_after: Duration,
+    /// When a worker last finished a request, in µs since `epoch`.
+    pub last_free_us: AtomicU64,
+    pub epoch: Instant,
 }
 
+/// With the event-driven tiny_http (Linux), requests that wait for a
+/// worker wait in their sockets, one per connection at most — bounded by
+/// the connection limit, nothing queues inside the server. Workers that are
+/// all busy but keep finishing requests need no help then, and a dispatcher
+/// moving requests between them would only add a hand-off to each. It steps
+/// in when no worker has finished a request for this long: every worker is
+/// stuck (a slow client, a long batch), and probes must still be answered
+/// and new requests shed rather than left waiting.
+pub(crate) const STUCK_AFTER: Duration = Duration::from_millis(2);
+
 impl Shared {
+    /// Every worker busy, and (with `overflow_after`) none has finished a
+    /// request for that long.
+    fn workers_stuck(&self) -> bool {
+        if self.busy.load(Ordering::SeqCst) < self.workers {
+            return false;
+        }
+        let since_free = (self.epoch.elapsed().as_micros() as u64).saturating_sub(self.last_free_us.load(Ordering::Acquire));
+        since_free >= self.overflow_after.as_micros() as u64
+    }
+
     pub(crate) fn current_server(&self) -> Arc<tiny_http::Server> {
-        self.http.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        // Read on every worker loop; written only if the listener fails.
+        self.http.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -258,7 +291,8 @@ pub(crate) fn overflow(shared: &Shared) {
     while !shared.stopping.load(Ordering::Acquire) {
         {
             let mut g = shared.all_busy.0.lock().unwrap_or_else(|p| p.into_inner());
-            while shared.busy.load(Ordering::Acquire) < shared.workers && !shared.stopping.load(Ordering::Acquire) {
+            shared.overflow_waiting.store(true, Ordering::SeqCst);
+            while shared.busy.load(Ordering::SeqCst) < shared.workers && !shared.stopping.load(Ordering::Acquire) {
                 // The timeout only bounds how late a missed wake-up is noticed.
                 g = shared
                     .all_busy
@@ -267,9 +301,14 @@ pub(crate) fn overflow(shared: &Shared) {
                     .map(|(g, _)| g)
                     .unwrap_or_else(|p| p.into_inner().0);
             }
+            shared.overflow_waiting.store(false, Ordering::SeqCst);
+        }
+        if !shared.overflow_after.is_zero() {
+            // Busy, but maybe still finishing requests: look again later.
+            std::thread::sleep(shared.overflow_after);
         }
         let server = shared.current_server();
-        while shared.busy.load(Ordering::Acquire) >= shared.workers && !shared.stopping.load(Ordering::Acquire) {
+        while shared.workers_stuck() && !shared.stopping.load(Ordering::Acquire) {
             // Polls rather than waits: it must see `busy` drop (a worker
             // free again takes requests itself) within 100 µs.
             match server.try_recv() {
@@ -303,12 +342,13 @@ pub(crate) fn forward_old(shared: &Shared, old: Arc<tiny_http::Server>) {
     }
 }
 
-/// Answers a request whose body was not read. tiny_http reads bodies up to
-/// 1 KiB with the head; a larger one is drained when the request is dropped,
-/// which must not happen on the dispatcher (a slow client would stall every
-/// other request), so it goes to a drain thread like a 413.
+/// Answers a request whose body was not read. tiny_http reads small bodies
+/// with the head ([`super::buffered_body_bytes`]); a larger one is drained
+/// when the request is dropped, which must not happen on the dispatcher (a
+/// slow client would stall every other request), so it goes to a drain
+/// thread like a 413.
 fn send_unread(shared: &Shared, rq: Request, endpoint: &'static str, started: Instant, answer: Answer) {
-    if rq.body_length().is_some_and(|n| n > 1024) {
+    if rq.body_length().is_some_and(|n| n > super::buffered_body_bytes(&shared.config)) {
         let status = answer.status;
         shared.metrics.record_request(endpoint, status, started.elapsed());
         respond_and_drain(shared, rq, build_response(answer));
@@ -366,7 +406,10 @@ fn poll_for(server: &tiny_http::Server, spin: Duration) -> Option<Request> {
         if Instant::now() >= until {
             return None;
         }
-        std::hint::spin_loop();
+        // Lets a runnable thread on this core (the client, on a small
+        // device; another worker) go first: a poll that takes the core
+        // from whoever would send the next request only delays it.
+        std::thread::yield_now();
     }
 }
 
@@ -384,14 +427,12 @@ pub(crate) fn work(shared: &Arc<Shared>) {
         }
         let server = shared.current_server();
         // Every idle worker waits here at once, and tiny_http wakes one per
-        // request; first it polls a little (`ServerConfig::idle_spin`), so
-        // a request that comes meanwhile skips the wake-up. The wait is
-        // bounded, so work the overflow dispatcher queued just after we
-        // looked is picked up soon even if its wake-up went to another
-        // worker. (Waiting side by side needs our patch 3 to tiny_http's
-        // queue: upstream, a wake-up that reached a waiter just timing out
-        // stranded the request, so workers used to take turns here behind a
-        // mutex — and handing the turn on woke a second thread per request.)
+        // ready connection (reading its request on this thread); first it
+        // polls a little (`ServerConfig::idle_spin`), so a request that
+        // comes meanwhile skips the wake-up. The wait is bounded, so work
+        // the overflow dispatcher queued just after we looked is picked up
+        // soon even if its wake-up went to another worker. (With upstream
+        // tiny_http, waiting side by side needs our patch 3 to its queue.)
         let polled = poll_for(&server, shared.config.idle_spin);
         let rq = match polled {
             Some(rq) => rq,
@@ -426,7 +467,13 @@ struct Busy<'a>(&'a Shared);
 
 impl<'a> Busy<'a> {
     fn new(shared: &'a Shared) -> Busy<'a> {
-        if shared.busy.fetch_add(1, Ordering::AcqRel) + 1 >= shared.workers {
+        // The dispatcher's cue, given only while it waits for it: under
+        // sustained load every request makes the workers all busy, and a
+        // notify costs a system call whether anyone waits or not.
+        if shared.busy.fetch_add(1, Ordering::SeqCst) + 1 >= shared.workers
+            && shared.overflow_waiting.load(Ordering::SeqCst)
+        {
+            let _g = shared.all_busy.0.lock().unwrap_or_else(|p| p.into_inner());
             shared.all_busy.1.notify_one();
         }
         Busy(shared)
@@ -435,6 +482,9 @@ impl<'a> Busy<'a> {
 
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
+        if !self.0.overflow_after.is_zero() {
+            self.0.last_free_us.store(self.0.epoch.elapsed().as_micros() as u64, Ordering::Release);
+        }
         self.0.busy.fetch_sub(1, Ordering::AcqRel);
         // A waiting gatherer may now see that nobody else is coming.
         if self.0.gathering.load(Ordering::Acquire) {
@@ -451,10 +501,10 @@ fn relisten(shared: &Arc<Shared>, old: Arc<tiny_http::Server>) {
             return;
         }
         let fresh = super::bind_listener(shared.local_addr, &shared.config)
-            .and_then(|l| tiny_http::Server::from_listener(l, None).map_err(|e| super::ServerError::Http(e.to_string())));
+            .and_then(|l| super::http_server(l, &shared.config));
         match fresh {
             Ok(s) => {
-                *shared.http.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(s);
+                *shared.http.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(s);
                 break;
             }
             Err(e) => {
@@ -469,6 +519,25 @@ fn relisten(shared: &Arc<Shared>, old: Arc<tiny_http::Server>) {
         .spawn(move || forward_old(&s, old));
     if let Err(e) = spawned {
         log::error!("cannot keep the old listener's connections served: {e}");
+    }
+}
+
+/// Takes one request that is ready in its socket, if any, and handles it on
+/// this thread (an inference request becomes a queued job with batching on).
+/// For the batch gatherer: with the event-driven server, requests that no
+/// worker has picked up yet wait unread in their sockets, invisible to it.
+pub(crate) fn take_ready_request(shared: &Shared) -> bool {
+    if !super::EVENTED || shared.stopping.load(Ordering::Acquire) {
+        return false;
+    }
+    match shared.current_server().try_recv() {
+        Ok(Some(rq)) => {
+            if let Some(w) = admit(shared, rq) {
+                handle_work(shared, w);
+            }
+            true
+        }
+        _ => false,
     }
 }
 

@@ -89,7 +89,7 @@ impl Server {
         let local_addr = listener
             .local_addr()
             .map_err(|source| ServerError::Bind { addr: config.listen.clone(), source })?;
-        let http = tiny_http::Server::from_listener(listener, None).map_err(|e| ServerError::Http(e.to_string()))?;
+        let http = http_server(listener, &config)?;
 
         let workers = config.worker_threads();
         let batching = config.batching_enabled();
@@ -108,11 +108,15 @@ impl Server {
             gather: Mutex::new(()),
             gathering: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
-            http: Mutex::new(Arc::new(http)),
+            http: std::sync::RwLock::new(Arc::new(http)),
             local_addr,
             busy: AtomicUsize::new(0),
             workers,
             all_busy: (Mutex::new(()), std::sync::Condvar::new()),
+            overflow_waiting: AtomicBool::new(false),
+            overflow_after: if EVENTED { handler::STUCK_AFTER } else { Duration::ZERO },
+            last_free_us: std::sync::atomic::AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
         });
 
         let mut running = RunningServer { shared: shared.clone(), local_addr, overflow: None, workers: Vec::new() };
@@ -212,6 +216,43 @@ impl Drop for RunningServer {
 
 fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, ServerError> {
     std::thread::Builder::new().name(name).spawn(f).map_err(ServerError::Spawn)
+}
+
+/// Bodies up to this size arrive with their request, read already:
+/// tiny_http's own 1 KiB, or with the event-driven server up to 64 KiB
+/// (within the body limit), read while the request waits in its socket.
+pub(crate) fn buffered_body_bytes(config: &ServerConfig) -> usize {
+    if EVENTED {
+        config.max_body_bytes.clamp(1024, 64 * 1024)
+    } else {
+        1024
+    }
+}
+
+/// Whether [`http_server`] is the event-driven tiny_http.
+pub(crate) const EVENTED: bool = cfg!(target_os = "linux");
+
+/// tiny_http over a bound listener. On Linux the event-driven server of our
+/// tiny_http patch 4: no thread per connection, the workers read requests
+/// themselves (see [`handler`]). Elsewhere upstream's threaded server.
+pub(crate) fn http_server(listener: TcpListener, config: &ServerConfig) -> Result<tiny_http::Server, ServerError> {
+    #[cfg(target_os = "linux")]
+    {
+        let limits = tiny_http::EventedLimits {
+            max_buffered_body: buffered_body_bytes(config),
+            io_timeout: config.io_timeout,
+            // A client refused with 413 that sends its body anyway keeps its
+            // connection (the answer to `a_413_does_not_read_...` in tests).
+            max_drain_bytes: config.max_body_bytes.saturating_add(64 * 1024).max(8 << 20),
+            ..tiny_http::EventedLimits::default()
+        };
+        tiny_http::Server::from_listener_evented(listener, limits).map_err(|e| ServerError::Http(e.to_string()))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = config;
+        tiny_http::Server::from_listener(listener, None).map_err(|e| ServerError::Http(e.to_string()))
+    }
 }
 
 fn resolve(listen: &str) -> Result<SocketAddr, ServerError> {

@@ -19,6 +19,10 @@ pub(crate) struct BoundedQueue<T> {
 struct State<T> {
     items: VecDeque<T>,
     closed: bool,
+    /// Consumers inside `pop_or_wake`'s wait. A notify is a system call
+    /// even when nobody waits (std's futex condvar), and the work queue is
+    /// pushed once per request under load while nobody ever waits on it.
+    waiting: usize,
 }
 
 /// Why a push was refused; the item comes back so the caller can answer it.
@@ -40,7 +44,7 @@ pub(crate) enum Timed<T> {
 impl<T> BoundedQueue<T> {
     pub fn new(capacity: usize) -> BoundedQueue<T> {
         BoundedQueue {
-            state: Mutex::new(State { items: VecDeque::with_capacity(capacity.min(1024)), closed: false }),
+            state: Mutex::new(State { items: VecDeque::with_capacity(capacity.min(1024)), closed: false, waiting: 0 }),
             nonempty: Condvar::new(),
             capacity: capacity.max(1),
         }
@@ -61,8 +65,11 @@ impl<T> BoundedQueue<T> {
             return Err(PushError::Full(item));
         }
         s.items.push_back(item);
+        let wake = s.waiting > 0;
         drop(s);
-        self.nonempty.notify_one();
+        if wake {
+            self.nonempty.notify_one();
+        }
         Ok(())
     }
 
@@ -87,11 +94,13 @@ impl<T> BoundedQueue<T> {
         if now >= deadline {
             return Timed::TimedOut;
         }
+        s.waiting += 1;
         s = self
             .nonempty
             .wait_timeout(s, deadline - now)
             .map(|(g, _)| g)
             .unwrap_or_else(|p| p.into_inner().0);
+        s.waiting -= 1;
         match s.items.pop_front() {
             Some(item) => Timed::Item(item),
             None if s.closed => Timed::Closed,

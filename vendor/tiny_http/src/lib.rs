@@ -115,9 +115,13 @@ pub use connection::{ConfigListenAddr, ListenAddr, Listener};
 pub use request::{ReadWrite, Request};
 pub use response::{Response, ResponseBox};
 pub use test::TestRequest;
+#[cfg(target_os = "linux")]
+pub use evented::EventedLimits;
 
 mod client;
 mod common;
+#[cfg(target_os = "linux")]
+mod evented;
 mod connection;
 mod request;
 mod response;
@@ -140,6 +144,11 @@ pub struct Server {
 
     // result of TcpListener::local_addr()
     listening_addr: ListenAddr,
+
+    // OUTPOST PATCH (4): set when built by `from_listener_evented`; the
+    // threads calling `recv` then read the connections themselves.
+    #[cfg(target_os = "linux")]
+    evented: Option<Arc<evented::Evented>>,
 }
 
 enum Message {
@@ -353,6 +362,28 @@ impl Server {
             messages,
             close: close_trigger,
             listening_addr: local_addr,
+            #[cfg(target_os = "linux")]
+            evented: None,
+        })
+    }
+
+    /// OUTPOST PATCH (4): a server whose connections have no thread each:
+    /// the threads calling [`recv`](Self::recv) (and its variants) wait for
+    /// ready connections in one epoll set and read the requests themselves.
+    /// Plain TCP only. See the `evented` module for how and why, and
+    /// [`EventedLimits`] for what a client can make it hold.
+    #[cfg(target_os = "linux")]
+    pub fn from_listener_evented(
+        listener: std::net::TcpListener,
+        limits: EventedLimits,
+    ) -> IoResult<Server> {
+        let local_addr = listener.local_addr()?;
+        let evented = evented::Evented::new(listener, limits)?;
+        Ok(Server {
+            messages: MessagesQueue::with_capacity(0),
+            close: Arc::new(AtomicBool::new(false)),
+            listening_addr: ListenAddr::IP(local_addr),
+            evented: Some(evented),
         })
     }
 
@@ -378,6 +409,13 @@ impl Server {
 
     /// Blocks until an HTTP request has been submitted and returns it.
     pub fn recv(&self) -> IoResult<Request> {
+        #[cfg(target_os = "linux")]
+        if let Some(ev) = &self.evented {
+            return match ev.recv(None)? {
+                Some(rq) => Ok(rq),
+                None => Err(IoError::new(IoErrorKind::Other, "thread unblocked")),
+            };
+        }
         match self.messages.pop() {
             Some(Message::Error(err)) => Err(err),
             Some(Message::NewRequest(rq)) => Ok(rq),
@@ -387,6 +425,10 @@ impl Server {
 
     /// Same as `recv()` but doesn't block longer than timeout
     pub fn recv_timeout(&self, timeout: Duration) -> IoResult<Option<Request>> {
+        #[cfg(target_os = "linux")]
+        if let Some(ev) = &self.evented {
+            return ev.recv(Some(std::time::Instant::now() + timeout));
+        }
         match self.messages.pop_timeout(timeout) {
             Some(Message::Error(err)) => Err(err),
             Some(Message::NewRequest(rq)) => Ok(Some(rq)),
@@ -396,6 +438,10 @@ impl Server {
 
     /// Same as `recv()` but doesn't block.
     pub fn try_recv(&self) -> IoResult<Option<Request>> {
+        #[cfg(target_os = "linux")]
+        if let Some(ev) = &self.evented {
+            return ev.recv(Some(std::time::Instant::now()));
+        }
         match self.messages.try_pop() {
             Some(Message::Error(err)) => Err(err),
             Some(Message::NewRequest(rq)) => Ok(Some(rq)),
@@ -407,6 +453,10 @@ impl Server {
     /// If there are several such threads, only one is unblocked.
     /// This method allows graceful shutdown of server.
     pub fn unblock(&self) {
+        #[cfg(target_os = "linux")]
+        if let Some(ev) = &self.evented {
+            return ev.unblock();
+        }
         self.messages.unblock();
     }
 }
@@ -421,6 +471,12 @@ impl Iterator for IncomingRequests<'_> {
 impl Drop for Server {
     fn drop(&mut self) {
         self.close.store(true, Relaxed);
+        #[cfg(target_os = "linux")]
+        if let Some(ev) = &self.evented {
+            // No accept thread to unblock; in-flight requests keep what
+            // they need, parked connections close with the last of them.
+            return ev.close();
+        }
         // Connect briefly to ourselves to unblock the accept thread
         let maybe_stream = match &self.listening_addr {
             ListenAddr::IP(addr) => TcpStream::connect(addr).map(Connection::from),
