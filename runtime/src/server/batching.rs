@@ -123,7 +123,7 @@ fn gather(shared: &Shared) -> Option<Vec<Job>> {
             None => match shared.jobs.pop_or_wake(deadline) {
                 Timed::Item(job) => job,
                 Timed::Woken => continue,
-                Timed::TimedOut | Timed::Closed => break,
+                Timed::Expired | Timed::Closed => break,
             },
         };
         if batch[0].joins(&next) && rows + next.rows <= max_rows {

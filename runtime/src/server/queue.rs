@@ -34,7 +34,8 @@ pub(crate) enum PushError<T> {
 /// What [`BoundedQueue::pop_or_wake`] got.
 pub(crate) enum Timed<T> {
     Item(T),
-    TimedOut,
+    /// The deadline passed with nothing to pop.
+    Expired,
     /// Woken by [`BoundedQueue::wake_all`] (or spuriously) with nothing to pop:
     /// the caller re-checks its own conditions.
     Woken,
@@ -92,7 +93,7 @@ impl<T> BoundedQueue<T> {
         }
         let now = Instant::now();
         if now >= deadline {
-            return Timed::TimedOut;
+            return Timed::Expired;
         }
         s.waiting += 1;
         s = self
@@ -104,7 +105,7 @@ impl<T> BoundedQueue<T> {
         match s.items.pop_front() {
             Some(item) => Timed::Item(item),
             None if s.closed => Timed::Closed,
-            None if Instant::now() >= deadline => Timed::TimedOut,
+            None if Instant::now() >= deadline => Timed::Expired,
             None => Timed::Woken,
         }
     }
@@ -158,7 +159,7 @@ mod tests {
         let deadline = t + Duration::from_millis(5);
         loop {
             match q.pop_or_wake(deadline) {
-                Timed::TimedOut => break,
+                Timed::Expired => break,
                 Timed::Woken => continue,
                 _ => panic!("nothing was pushed"),
             }

@@ -418,7 +418,7 @@ fn one_sample(
     }
 }
 
-fn object_of<'a>(v: &'a Value) -> Result<&'a Map<String, Value>, ApiError> {
+fn object_of(v: &Value) -> Result<&Map<String, Value>, ApiError> {
     v.as_object().ok_or_else(|| {
         ApiError::invalid_field("body", format!("expected a JSON object, got {}", type_name(v)))
     })

@@ -335,10 +335,7 @@ impl ModelSlot {
     /// Like [`swap`](Self::swap) for a model that is already shared (e.g. to
     /// swap back to a previous version without reloading it).
     pub fn swap_arc(&self, deployed: Arc<Deployed>) -> Option<Arc<Deployed>> {
-        let old = std::mem::replace(
-            &mut *self.current.write().unwrap_or_else(|p| p.into_inner()),
-            Some(deployed),
-        );
+        let old = self.current.write().unwrap_or_else(|p| p.into_inner()).replace(deployed);
         self.swaps.fetch_add(1, Ordering::Relaxed);
         old
     }
