@@ -287,6 +287,12 @@ impl Client {
         self.try_answer().unwrap_or_else(|e| panic!("no complete answer: {e} (kind {:?})", e.kind()))
     }
 
+    /// Sends `GET path` and expects the echo server's answer to it.
+    fn expect_get(&mut self, path: &str, context: &str) {
+        self.send(&get(path));
+        assert_body(&self.answer(), &echo("GET", path, b""), context);
+    }
+
     /// The next answer has `status`, and the connection is closed after it.
     fn expect_refused(&mut self, status: u16, context: &str) {
         assert_eq!(self.answer().status, status, "{context}");
@@ -334,8 +340,7 @@ fn keep_alive_answers_several_requests_on_one_connection_in_order() {
     for (i, size) in [0usize, 10, 0, 1500, 5000, 0, 70_000, 3].into_iter().enumerate() {
         let path = format!("/ka/{i}");
         if size == 0 {
-            c.send(&get(&path));
-            assert_body(&c.answer(), &echo("GET", &path, b""), &path);
+            c.expect_get(&path, &path);
         } else {
             let body = pattern(size);
             c.send(&post(&path, &body));
@@ -360,8 +365,7 @@ fn pipelined_requests_in_one_write_are_answered_in_order() {
     assert_body(&c.answer(), &echo("POST", "/third", b"hello"), "third pipelined");
     assert_body(&c.answer(), &echo("GET", "/fourth", b""), "fourth pipelined");
     // The connection is still usable afterwards.
-    c.send(&get("/after"));
-    assert_body(&c.answer(), &echo("GET", "/after", b""), "after the pipelined ones");
+    c.expect_get("/after", "after the pipelined ones");
 }
 
 /// 3. A body trickling in does not hold the only recv thread.
@@ -396,8 +400,7 @@ fn trickling_body_does_not_hold_the_only_recv_thread() {
     writer.join().unwrap();
     assert_body(&a.answer(), &echo("POST", "/trickle", &body), "trickled request");
     // Still usable.
-    a.send(&get("/after-trickle"));
-    assert_body(&a.answer(), &echo("GET", "/after-trickle", b""), "after the trickled request");
+    a.expect_get("/after-trickle", "after the trickled request");
 }
 
 /// 4. A body larger than `max_buffered_body` is streamed to the handler.
@@ -421,8 +424,7 @@ fn body_larger_than_max_buffered_body_is_streamed_to_the_handler() {
     writer.join().unwrap();
     assert_body(&answer, &echo("POST", "/stream", &body), "streamed body");
     // Read to its end, so the connection goes on.
-    c.send(&get("/next"));
-    assert_body(&c.answer(), &echo("GET", "/next", b""), "after a streamed body");
+    c.expect_get("/next", "after a streamed body");
     // Once more, in one write.
     c.send(&post("/stream2", &body));
     assert_body(&c.answer(), &echo("POST", "/stream2", &body), "streamed body in one write");
@@ -487,8 +489,7 @@ fn expect_100_continue_gets_interim_answer_then_the_answer() {
     c.send(b"hello world");
     assert_body(&c.answer(), &echo("POST", "/continue", b"hello world"), "answer after 100 Continue");
     // The body was read to its end: the connection goes on.
-    c.send(&get("/after-continue"));
-    assert_body(&c.answer(), &echo("GET", "/after-continue", b""), "after 100 Continue");
+    c.expect_get("/after-continue", "after 100 Continue");
 }
 
 /// 7 (bis). `Expect: 100-continue` answered with a final status without
@@ -645,11 +646,9 @@ fn max_connections_closes_extra_connections_until_one_closes() {
     let limits = EventedLimits { max_connections: 2, ..Default::default() };
     let server = TestServer::start(limits, 1);
     let mut c1 = server.client();
-    c1.send(&get("/one"));
-    assert_body(&c1.answer(), &echo("GET", "/one", b""), "first connection");
+    c1.expect_get("/one", "first connection");
     let mut c2 = server.client();
-    c2.send(&get("/two"));
-    assert_body(&c2.answer(), &echo("GET", "/two", b""), "second connection");
+    c2.expect_get("/two", "second connection");
 
     let mut c3 = server.client();
     c3.expect_closed("a third connection with max_connections = 2");
@@ -671,8 +670,7 @@ fn max_connections_closes_extra_connections_until_one_closes() {
     }
     let a = served.expect("no new connection served after one of the two closed");
     assert_body(&a, &echo("GET", "/four", b""), "connection after one closed");
-    c2.send(&get("/two-again"));
-    assert_body(&c2.answer(), &echo("GET", "/two-again", b""), "second connection again");
+    c2.expect_get("/two-again", "second connection again");
 }
 
 /// 14. `unblock()` releases a thread blocked in `recv()` / `recv_timeout()`.
@@ -755,8 +753,7 @@ fn large_answer_to_a_slow_reader_is_delivered_intact() {
         panic!("8 MiB answer corrupted, first difference at {i:?}");
     }
     assert!(t.elapsed() < Duration::from_secs(20));
-    c.send(&get("/after-big"));
-    assert_body(&c.answer(), &echo("GET", "/after-big", b""), "after the large answer");
+    c.expect_get("/after-big", "after the large answer");
 }
 
 /// 16 (a). A buffered body the handler does not read: the connection goes on.
@@ -770,8 +767,7 @@ fn unread_buffered_body_keeps_the_connection_usable() {
         let a = c.answer();
         assert_eq!((a.status, a.body.as_slice()), (200, &b"ignored"[..]), "unread body of {size} bytes");
         let path = format!("/next-after-{size}");
-        c.send(&get(&path));
-        assert_body(&c.answer(), &echo("GET", &path, b""), &format!("request after an unread body of {size} bytes"));
+        c.expect_get(&path, &format!("request after an unread body of {size} bytes"));
     }
     // Pipelined behind an unread body.
     let mut bytes = post("/noread", &pattern(5000));
@@ -866,8 +862,7 @@ fn concurrent_clients_on_two_threads_are_all_served() {
                         assert_body(&c.answer(), &echo("GET", &p1, b""), &p1);
                         assert_body(&c.answer(), &echo("POST", &p2, &body), &p2);
                     } else {
-                        c.send(&get(&p1));
-                        assert_body(&c.answer(), &echo("GET", &p1, b""), &p1);
+                        c.expect_get(&p1, &p1);
                     }
                 }
             })

@@ -84,11 +84,8 @@ pub(crate) struct Shared {
     pub all_busy: (Mutex<()>, std::sync::Condvar),
     /// The overflow dispatcher waits on `all_busy` (only then is it signalled).
     pub overflow_waiting: AtomicBool,
-    /// How long every worker must have been busy without a break before the
-    /// dispatcher steps in: zero with upstream tiny_http (whose queue grows
-    /// while workers are busy), [`STUCK_AFTER`] with the event-driven one.
-    pub overflow_after: Duration,
-    /// When a worker last finished a request, in µs since `epoch`.
+    /// When a worker last finished a request, in µs since `epoch`
+    /// (kept only with [`OVERFLOW_AFTER`] above zero).
     pub last_free_us: AtomicU64,
     pub epoch: Instant,
 }
@@ -101,17 +98,22 @@ pub(crate) struct Shared {
 /// in when no worker has finished a request for this long: every worker is
 /// stuck (a slow client, a long batch), and probes must still be answered
 /// and new requests shed rather than left waiting.
-pub(crate) const STUCK_AFTER: Duration = Duration::from_millis(2);
+const STUCK_AFTER: Duration = Duration::from_millis(2);
+
+/// How long every worker must have been busy without a break before the
+/// dispatcher steps in: [`STUCK_AFTER`] with the event-driven tiny_http,
+/// zero with upstream's (whose queue grows while the workers are busy).
+const OVERFLOW_AFTER: Duration = if super::EVENTED { STUCK_AFTER } else { Duration::ZERO };
 
 impl Shared {
-    /// Every worker busy, and (with `overflow_after`) none has finished a
+    /// Every worker busy, and (with [`OVERFLOW_AFTER`]) none has finished a
     /// request for that long.
     fn workers_stuck(&self) -> bool {
         if self.busy.load(Ordering::SeqCst) < self.workers {
             return false;
         }
         let since_free = (self.epoch.elapsed().as_micros() as u64).saturating_sub(self.last_free_us.load(Ordering::Acquire));
-        since_free >= self.overflow_after.as_micros() as u64
+        since_free >= OVERFLOW_AFTER.as_micros() as u64
     }
 
     pub(crate) fn current_server(&self) -> Arc<tiny_http::Server> {
@@ -303,9 +305,9 @@ pub(crate) fn overflow(shared: &Shared) {
             }
             shared.overflow_waiting.store(false, Ordering::SeqCst);
         }
-        if !shared.overflow_after.is_zero() {
+        if !OVERFLOW_AFTER.is_zero() {
             // Busy, but maybe still finishing requests: look again later.
-            std::thread::sleep(shared.overflow_after);
+            std::thread::sleep(OVERFLOW_AFTER);
         }
         let server = shared.current_server();
         while shared.workers_stuck() && !shared.stopping.load(Ordering::Acquire) {
@@ -482,7 +484,7 @@ impl<'a> Busy<'a> {
 
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
-        if !self.0.overflow_after.is_zero() {
+        if !OVERFLOW_AFTER.is_zero() {
             self.0.last_free_us.store(self.0.epoch.elapsed().as_micros() as u64, Ordering::Release);
         }
         self.0.busy.fetch_sub(1, Ordering::AcqRel);

@@ -114,7 +114,6 @@ impl Server {
             workers,
             all_busy: (Mutex::new(()), std::sync::Condvar::new()),
             overflow_waiting: AtomicBool::new(false),
-            overflow_after: if EVENTED { handler::STUCK_AFTER } else { Duration::ZERO },
             last_free_us: std::sync::atomic::AtomicU64::new(0),
             epoch: std::time::Instant::now(),
         });

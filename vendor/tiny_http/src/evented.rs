@@ -432,25 +432,30 @@ impl Evented {
     /// Reads from `conn` until it holds a request to return; parks or
     /// closes it otherwise.
     fn serve(self: &Arc<Self>, mut conn: Conn) -> Option<Request> {
+        // The head, once complete, parsed once while its body arrives.
+        let mut head: Option<Head> = None;
         loop {
-            match parse_head(conn.unread(), self.limits.max_head_bytes) {
-                HeadStatus::Complete(head) => {
-                    let body_ready = match head.buffered_body_len(&self.limits) {
-                        Some(n) => conn.unread().len() >= head.len + n,
-                        None => true, // streamed by the handler
-                    };
-                    if body_ready {
-                        return self.dispatch(conn, head);
+            if head.is_none() {
+                match parse_head(conn.unread(), self.limits.max_head_bytes) {
+                    HeadStatus::Complete(h) => head = Some(h),
+                    HeadStatus::Partial => {}
+                    HeadStatus::TooLong => {
+                        self.refuse(conn, 431, HTTPVersion(1, 1));
+                        return None;
+                    }
+                    HeadStatus::Refused(status, version) => {
+                        self.refuse(conn, status, version);
+                        return None;
                     }
                 }
-                HeadStatus::Partial => {}
-                HeadStatus::TooLong => {
-                    self.refuse(conn, 431, HTTPVersion(1, 1));
-                    return None;
-                }
-                HeadStatus::Refused(status, version) => {
-                    self.refuse(conn, status, version);
-                    return None;
+            }
+            let body_ready = head.as_ref().is_some_and(|h| match h.buffered_body_len(&self.limits) {
+                Some(n) => conn.unread().len() >= h.len + n,
+                None => true, // streamed by the handler
+            });
+            if body_ready {
+                if let Some(h) = head.take() {
+                    return self.dispatch(conn, h);
                 }
             }
             if conn.unread().len() >= self.limits.max_head_bytes + self.limits.max_buffered_body {
@@ -464,8 +469,8 @@ impl Evented {
                     // The client stopped sending. Mid-head: nothing to answer.
                     // Mid-body: the handler gets the request and finds the
                     // body cut short (and can say so); the connection closes.
-                    if let HeadStatus::Complete(head) = parse_head(conn.unread(), self.limits.max_head_bytes) {
-                        return self.dispatch(conn, head);
+                    if let Some(h) = head {
+                        return self.dispatch(conn, h);
                     }
                     self.close_conn(conn);
                     return None;
