@@ -20,6 +20,7 @@ mod convert;
 pub mod onnx;
 pub mod onnx_ml;
 mod plans;
+mod quant_fusion;
 pub mod tflite;
 mod tflite_rewrite;
 pub mod tree_ensemble;
@@ -208,9 +209,9 @@ impl Model {
         };
         let decluttered = prepared.model.into_decluttered().map_err(prepare_err)?;
         let (typed, specializable) = if options.optimize && options.batch_plans > 0 {
-            (decluttered.clone().into_optimized().map_err(prepare_err)?, Some(decluttered))
+            (optimize(decluttered.clone()).map_err(prepare_err)?, Some(decluttered))
         } else if options.optimize {
-            (decluttered.into_optimized().map_err(prepare_err)?, None)
+            (optimize(decluttered).map_err(prepare_err)?, None)
         } else {
             (decluttered, None)
         };
@@ -414,6 +415,11 @@ impl Model {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| RunError::Inference(format!("{e:#}")))
     }
+}
+
+/// tract's optimization, then ours (see [`quant_fusion`]).
+fn optimize(decluttered: TypedModel) -> TractResult<TypedModel> {
+    Ok(quant_fusion::fuse(decluttered.into_optimized()?))
 }
 
 /// The message of a caught panic.

@@ -159,10 +159,7 @@ impl Specializer {
         // panic here (tract meeting a case it did not foresee) only costs
         // the specialisation.
         catch_unwind(AssertUnwindSafe(|| {
-            self.decluttered
-                .set_symbols(&subs)?
-                .into_optimized()?
-                .into_runnable()
+            super::optimize(self.decluttered.set_symbols(&subs)?)?.into_runnable()
         }))
         .map_err(|_| "tract panicked while specialising the plan".to_string())?
         .map_err(|e| format!("{e:#}"))
@@ -170,7 +167,7 @@ impl Specializer {
 }
 
 /// The symbol every input has as its first dimension, if there is one.
-fn batch_symbol(model: &TypedModel) -> Option<Symbol> {
+pub(super) fn batch_symbol(model: &TypedModel) -> Option<Symbol> {
     let mut found: Option<Symbol> = None;
     for outlet in &model.inputs {
         let fact = model.outlet_fact(*outlet).ok()?;
