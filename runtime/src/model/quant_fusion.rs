@@ -55,18 +55,32 @@ impl PartialEq for CenteredDynamicQuantize {
 impl Eq for CenteredDynamicQuantize {}
 
 /// Scale and zero point of `DynamicQuantizeLinear` to u8: the range of `xs`
-/// extended to include 0, spread over 0..=255. The same expressions as
+/// extended to include 0, spread over 0..=255 — the same expressions as
 /// tract-onnx's, so the same floats come out.
+///
+/// The range is kept in eight independent lanes so it compiles to vector
+/// compares: each lane, like tract's single pass, takes only a value
+/// strictly below (above) what it holds, so NaN is skipped and -0.0 never
+/// replaces the initial +0.0; merging the lanes the same way gives the same
+/// two floats as one pass over `xs`.
 fn scale_and_zero_point(xs: &[f32]) -> (f32, u8) {
-    let (min, max) = xs.iter().fold((0f32, 0f32), |(lo, hi), &v| {
-        if v < lo {
-            (v, hi)
-        } else if v > hi {
-            (lo, v)
-        } else {
-            (lo, hi)
+    const LANES: usize = 8;
+    let below = |v: f32, lo: f32| if v < lo { v } else { lo };
+    let above = |v: f32, hi: f32| if v > hi { v } else { hi };
+    let (mut lo, mut hi) = ([0f32; LANES], [0f32; LANES]);
+    let mut chunks = xs.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for lane in 0..LANES {
+            lo[lane] = below(chunk[lane], lo[lane]);
+            hi[lane] = above(chunk[lane], hi[lane]);
         }
-    });
+    }
+    for (lane, v) in chunks.remainder().iter().enumerate() {
+        lo[lane] = below(*v, lo[lane]);
+        hi[lane] = above(*v, hi[lane]);
+    }
+    let min = lo.iter().fold(0f32, |m, v| below(*v, m));
+    let max = hi.iter().fold(0f32, |m, v| above(*v, m));
     let scale = (max - min) / u8::MAX as f32;
     let zero_point = (-min / scale)
         .round_ties_even()
@@ -75,9 +89,27 @@ fn scale_and_zero_point(xs: &[f32]) -> (f32, u8) {
     (scale, zero_point as u8)
 }
 
-/// `x` quantized, then centred on the zero point, in f32.
+/// `v` rounded to the nearest integer, ties to even: `f32::round_ties_even`
+/// without its libm call (x86_64's baseline has no rounding instruction), so
+/// the loop over a tensor vectorizes. Below 2^23, adding 2^23 leaves no
+/// fraction bits and the addition rounds to nearest even; from 2^23 on
+/// every float is an integer already; NaN and infinities pass through.
+fn round_ties_even(v: f32) -> f32 {
+    const NO_FRACTION: f32 = 8_388_608.0; // 2^23
+    let a = v.abs();
+    if a < NO_FRACTION {
+        ((a + NO_FRACTION) - NO_FRACTION).copysign(v)
+    } else {
+        v
+    }
+}
+
+/// `x` quantized, then centred on the zero point, in f32. The addition wraps
+/// as tract's does in a release build: it can only overflow when the scale
+/// underflowed to 0 and `x / scale` is infinite.
 fn centered(x: f32, scale: f32, zero_point: u8) -> f32 {
-    let q = (((x / scale).round_ties_even() as i32) + zero_point as i32)
+    let q = (round_ties_even(x / scale) as i32)
+        .wrapping_add(zero_point as i32)
         .clamp(u8::MIN as i32, u8::MAX as i32) as u8;
     q as f32 - zero_point as f32
 }
@@ -510,6 +542,80 @@ mod tests {
         ) {
             let (plain, fused) = plans(true);
             assert_same_outputs(plain, fused, &row);
+        }
+    }
+
+    /// tract-onnx's range pass, one value at a time.
+    fn reference_range(xs: &[f32]) -> (f32, f32) {
+        xs.iter().fold((0f32, 0f32), |(lo, hi), &v| {
+            if v < lo {
+                (v, hi)
+            } else if v > hi {
+                (lo, v)
+            } else {
+                (lo, hi)
+            }
+        })
+    }
+
+    #[test]
+    fn round_ties_even_matches_the_standard_library() {
+        let mut special = vec![
+            0.0,
+            -0.0,
+            0.5,
+            -0.5,
+            1.5,
+            -1.5,
+            2.5,
+            -2.5,
+            0.499_999_97,
+            8_388_607.5,
+            -8_388_607.5,
+            8_388_608.0,
+            8_388_609.0,
+            16_777_217.0,
+            f32::MAX,
+            f32::MIN,
+            f32::MIN_POSITIVE,
+            -f32::MIN_POSITIVE,
+            1e-45,
+            -1e-45,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+        ];
+        special.extend((-3000..3000).map(|k| k as f32 + 0.5));
+        // A spread of every kind of float: all exponents, many mantissas.
+        special.extend((0..u32::MAX).step_by(4099).map(f32::from_bits));
+        for v in special {
+            let (ours, std) = (round_ties_even(v), v.round_ties_even());
+            assert!(
+                ours.to_bits() == std.to_bits() || (ours.is_nan() && std.is_nan()),
+                "{v:e}: {ours:e} vs {std:e}"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        /// The lane-wise range is the one-pass range, bit for bit, on any
+        /// values (NaN, -0.0 and infinities included) and any length.
+        #[test]
+        fn lanes_find_the_range_one_pass_finds(
+            xs in proptest::collection::vec(
+                proptest::prop_oneof![
+                    3 => -1e3f32..1e3f32,
+                    1 => proptest::num::f32::ANY,
+                    1 => proptest::strategy::Just(-0.0f32),
+                ],
+                0..40,
+            ),
+        ) {
+            let (min, max) = reference_range(&xs);
+            let scale = (max - min) / 255.0;
+            let zp = (-min / scale).round_ties_even().clamp(0.0, 255.0) as u8;
+            let (s, z) = scale_and_zero_point(&xs);
+            proptest::prop_assert_eq!(s.to_bits(), scale.to_bits());
+            proptest::prop_assert_eq!(z, zp);
         }
     }
 
