@@ -417,6 +417,12 @@ impl Model {
     }
 }
 
+/// A file under `fixtures/`, for unit tests.
+#[cfg(test)]
+pub(crate) fn fixture_path(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures").join(name)
+}
+
 /// tract's optimization, then ours (see [`quant_fusion`]).
 fn optimize(decluttered: TypedModel) -> TractResult<TypedModel> {
     Ok(quant_fusion::fuse(decluttered.into_optimized()?))

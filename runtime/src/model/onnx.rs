@@ -250,8 +250,7 @@ mod tests {
     use super::*;
 
     fn fixture_proto(name: &str) -> pb::ModelProto {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures").join(name);
-        let bytes = std::fs::read(path).expect("fixture");
+        let bytes = std::fs::read(crate::model::fixture_path(name)).expect("fixture");
         framework().proto_model_for_read(&mut bytes.as_slice()).expect("fixture parses")
     }
 

@@ -351,17 +351,17 @@ mod tests {
         }
     }
 
-    /// The int8 fixture's graph as the loader hands it to the optimizer,
-    /// its batch dimension bound to `batch` (None: left symbolic).
+    /// An ONNX fixture's graph as the loader hands it to the optimizer.
+    fn decluttered(name: &str) -> TypedModel {
+        let bytes = std::fs::read(crate::model::fixture_path(name)).expect("fixture");
+        let prepared = crate::model::onnx::load(&bytes).expect("loads");
+        prepared.model.into_decluttered().expect("declutters")
+    }
+
+    /// The int8 fixture's decluttered graph, its batch dimension bound to
+    /// `batch` (None: left symbolic).
     fn int8_decluttered(batch: Option<usize>) -> TypedModel {
-        let path =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/bc_mlp_int8.onnx");
-        let bytes = std::fs::read(path).expect("fixture");
-        let model = crate::model::onnx::load(&bytes)
-            .expect("loads")
-            .model
-            .into_decluttered()
-            .expect("declutters");
+        let model = decluttered("bc_mlp_int8.onnx");
         match batch {
             None => model,
             Some(n) => {
@@ -432,8 +432,7 @@ mod tests {
     fn test_rows() -> &'static [Vec<f32>] {
         static ROWS: std::sync::OnceLock<Vec<Vec<f32>>> = std::sync::OnceLock::new();
         ROWS.get_or_init(|| {
-            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../fixtures/data/bc_test.csv");
+            let path = crate::model::fixture_path("data/bc_test.csv");
             crate::dataset::read_csv(path, crate::dataset::LabelColumn::Last)
                 .expect("test rows")
                 .rows
@@ -475,13 +474,7 @@ mod tests {
 
     #[test]
     fn a_graph_without_the_pattern_is_returned_as_it_was() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/bc_mlp.onnx");
-        let bytes = std::fs::read(path).expect("fixture");
-        let optimized = crate::model::onnx::load(&bytes)
-            .expect("loads")
-            .model
-            .into_optimized()
-            .expect("optimizes");
+        let optimized = decluttered("bc_mlp.onnx").into_optimized().expect("optimizes");
         let fused = fuse(optimized.clone());
         assert_eq!(format!("{fused:?}"), format!("{optimized:?}"));
     }
