@@ -70,9 +70,12 @@ impl TensorSpec {
     }
 
     /// Number of elements in one sample (product of all dims but the first),
-    /// if they are all fixed.
+    /// if they are all fixed and their product fits in `usize`.
     pub fn sample_len(&self) -> Option<usize> {
-        self.shape.iter().skip(1).try_fold(1usize, |acc, d| d.map(|d| acc * d as usize))
+        self.shape
+            .iter()
+            .skip(1)
+            .try_fold(1usize, |acc, d| d.and_then(|d| usize::try_from(d).ok()).and_then(|d| acc.checked_mul(d)))
     }
 }
 

@@ -216,7 +216,9 @@ fn v2_refusals_name_the_field_with_the_documented_status() {
         (Box::new(|b| b["inputs"][1]["datatype"] = json!("INT32")), 422, "inputs[1].datatype"),
         (Box::new(|b| b["inputs"][1]["datatype"] = json!("BOOL")), 422, "inputs[1].datatype"),
         (Box::new(|b| b["inputs"][0]["name"] = json!("nope")), 422, "inputs[0].name"),
-        (Box::new(|b| b["inputs"][0]["shape"] = json!([1, 3])), 422, "inputs[0].data"),
+        // The shape is checked against the model before the data is read.
+        (Box::new(|b| b["inputs"][0]["shape"] = json!([1, 3])), 422, "inputs[0].shape"),
+        (Box::new(|b| b["inputs"][0]["shape"] = json!([2, 2])), 422, "inputs[0].data"),
         (Box::new(|b| b["inputs"][0]["shape"] = json!([2, 1])), 422, "inputs[0].shape"),
         (Box::new(|b| b["inputs"][0]["shape"] = json!([1, -2])), 422, "inputs[0].shape[1]"),
         (Box::new(|b| b["inputs"][0]["data"] = json!([1.0, "NaN"])), 422, "inputs[0].data[1]"),

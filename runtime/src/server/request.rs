@@ -312,10 +312,48 @@ fn flatten(
     Ok(())
 }
 
-/// A nested JSON array (or a scalar) as a tensor of element type `t`.
-pub(crate) fn tensor_from_json(v: &Value, t: ElementType, field: &str) -> Result<TensorData, ApiError> {
+/// The most scalars a JSON text of `len` bytes can hold in one array: each
+/// takes a digit and a separator (`[1,2,3]` is 7 bytes for 3). A tensor
+/// decoded from such a body has at most this many elements, so it bounds
+/// what the decoder may reserve whatever the arrays claim.
+pub(crate) fn max_json_elements(len: usize) -> usize {
+    len / 2 + 1
+}
+
+/// The element count of a shape, `None` when it overflows `usize`.
+pub(crate) fn element_count(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |acc, d| acc.checked_mul(*d))
+}
+
+/// Refuses a claimed shape whose element count overflows or passes `limit`
+/// (what the body can hold, or the model's fixed size): the answer to
+/// arrays whose first elements claim far more than the rest delivers. Checked
+/// before anything is reserved for the values.
+fn check_claim(shape: &[usize], limit: usize, field: &str) -> Result<usize, ApiError> {
+    match element_count(shape) {
+        None => Err(ApiError::invalid_shape(
+            field,
+            format!("the array claims shape {shape:?}, whose element count overflows"),
+        )),
+        Some(n) if n > limit => Err(ApiError::invalid_shape(
+            field,
+            format!("the array claims shape {shape:?} ({n} values), more than the body can hold ({limit} at most)"),
+        )),
+        Some(n) => Ok(n),
+    }
+}
+
+/// A nested JSON array (or a scalar) as a tensor of element type `t`, of at
+/// most `limit` elements.
+///
+/// The shape is read along the first elements, so a few bytes can claim
+/// any size: it is checked against `limit` before the values are reserved,
+/// and the walk then refuses any array that does not deliver what its
+/// first elements claimed. Recursion is as deep as the JSON nests, which
+/// serde_json bounds (128 levels).
+pub(crate) fn tensor_from_json(v: &Value, t: ElementType, field: &str, limit: usize) -> Result<TensorData, ApiError> {
     let shape = claimed_shape(v);
-    let len: usize = shape.iter().product();
+    let len = check_claim(&shape, limit, field)?;
     let mut values = empty_values(t, len);
     flatten(v, &shape, &mut values, field, &mut Vec::with_capacity(shape.len()))?;
     Ok(TensorData { shape, values })
@@ -334,24 +372,21 @@ fn input_names(specs: &[TensorSpec]) -> String {
 
 /// Checks a tensor against the model input's fixed dimensions (the free ones
 /// take any size but zero).
-pub(crate) fn check_dims(t: &TensorData, spec: &TensorSpec, batched: bool, field: &str) -> Result<(), ApiError> {
+pub(crate) fn check_dims(shape: &[usize], spec: &TensorSpec, batched: bool, field: &str) -> Result<(), ApiError> {
     let mismatch = || {
-        ApiError::invalid_shape(
-            field,
-            format!("expected shape {}, got {:?}", shape_text(&spec.shape), t.shape),
-        )
+        ApiError::invalid_shape(field, format!("expected shape {}, got {:?}", shape_text(&spec.shape), shape))
     };
-    if t.shape.len() != spec.shape.len() {
+    if shape.len() != spec.shape.len() {
         return Err(mismatch());
     }
-    for (ix, (want, got)) in spec.shape.iter().zip(&t.shape).enumerate() {
+    for (ix, (want, got)) in spec.shape.iter().zip(shape).enumerate() {
         if *got == 0 {
-            return Err(ApiError::invalid_shape(field, format!("dimension {ix} is empty (shape {:?})", t.shape)));
+            return Err(ApiError::invalid_shape(field, format!("dimension {ix} is empty (shape {shape:?})")));
         }
         match want {
             // A fixed batch of 1 runs larger batches row by row.
             Some(1) if ix == 0 && batched => {}
-            Some(w) if *w as usize != *got => return Err(mismatch()),
+            Some(w) if u64::try_from(*got).map_or(true, |g| g != *w) => return Err(mismatch()),
             _ => {}
         }
     }
@@ -380,33 +415,50 @@ fn one_sample(
     v: &Value,
     spec: &TensorSpec,
     sample_shape: Option<&[usize]>,
+    body_limit: usize,
     field: &str,
 ) -> Result<(TensorValues, Vec<usize>), ApiError> {
     if !v.is_array() {
         return Err(ApiError::invalid_field(field, format!("expected an array of numbers, got {}", type_name(v))));
     }
-    let t = tensor_from_json(v, spec.element_type, field)?;
+    let wrong_size = |want: usize, got: &dyn std::fmt::Display, shape: &[usize]| {
+        ApiError::invalid_shape(
+            field,
+            format!(
+                "expected {want} values (one sample of input {:?}, shape {}), got {got} (shape {shape:?})",
+                spec.name,
+                shape_text(&spec.shape),
+            ),
+        )
+    };
+    let want = match sample_shape {
+        Some(s) => Some(element_count(s).ok_or_else(|| {
+            ApiError::invalid_shape(field, format!("input {:?} has a sample too large to address", spec.name))
+        })?),
+        None => None,
+    };
+    // A fixed sample is refused on what the array claims before anything is
+    // reserved for it; a free one may take no more than the body holds.
+    if let Some(want) = want {
+        let claimed = claimed_shape(v);
+        match element_count(&claimed) {
+            Some(n) if n <= want => {}
+            Some(n) => return Err(wrong_size(want, &n, &claimed)),
+            None => return Err(wrong_size(want, &"an overflowing count", &claimed)),
+        }
+    }
+    let t = tensor_from_json(v, spec.element_type, field, want.unwrap_or(body_limit).min(body_limit))?;
     let len = t.values.len();
-    match sample_shape {
-        Some(s) => {
-            let want: usize = s.iter().product();
+    match (sample_shape, want) {
+        (Some(s), Some(want)) => {
             if len != want || (t.shape.len() != 1 && t.shape != s) {
-                return Err(ApiError::invalid_shape(
-                    field,
-                    format!(
-                        "expected {want} values (one sample of input {:?}, shape {}), got {} (shape {:?})",
-                        spec.name,
-                        shape_text(&spec.shape),
-                        len,
-                        t.shape
-                    ),
-                ));
+                return Err(wrong_size(want, &len, &t.shape));
             }
             Ok((t.values, s.to_vec()))
         }
         // A `[N, F]` input with F free: one row of whatever length came.
-        None if spec.shape.len() == 2 && t.shape.len() == 1 && len > 0 => Ok((t.values, vec![len])),
-        None => Err(ApiError::invalid_field(
+        (None, _) if spec.shape.len() == 2 && t.shape.len() == 1 && len > 0 => Ok((t.values, vec![len])),
+        _ => Err(ApiError::invalid_field(
             field,
             format!(
                 "input {:?} has shape {}, which a flat list cannot fill; send {{\"inputs\": {{{:?}: nested array}}}}",
@@ -428,10 +480,11 @@ fn object_of(v: &Value) -> Result<&Map<String, Value>, ApiError> {
 pub(crate) fn parse_predict(body: &[u8], d: &Deployed) -> Result<Parsed, ApiError> {
     let value = parse_json(body)?;
     let obj = object_of(&value)?;
+    let limit = max_json_elements(body.len());
     match (obj.get("features"), obj.get("inputs")) {
         (Some(_), Some(_)) => Err(ApiError::invalid_field("body", "send either \"features\" or \"inputs\", not both")),
-        (Some(features), None) => parse_features(features, d),
-        (None, Some(inputs)) => parse_named_inputs(inputs, d),
+        (Some(features), None) => parse_features(features, d, limit),
+        (None, Some(inputs)) => parse_named_inputs(inputs, d, limit),
         (None, None) => Err(ApiError::invalid_field(
             "features",
             "missing: send {\"features\": [numbers]} (or {\"inputs\": {name: array}})",
@@ -439,15 +492,15 @@ pub(crate) fn parse_predict(body: &[u8], d: &Deployed) -> Result<Parsed, ApiErro
     }
 }
 
-fn parse_features(features: &Value, d: &Deployed) -> Result<Parsed, ApiError> {
+fn parse_features(features: &Value, d: &Deployed, limit: usize) -> Result<Parsed, ApiError> {
     let spec = single_input(d, "features")?;
     let layout = &d.layout().inputs[0];
     let (values, sample) = if layout.batched {
-        one_sample(features, spec, layout.sample_shape.as_deref(), "features")?
+        one_sample(features, spec, layout.sample_shape.as_deref(), limit, "features")?
     } else {
         // No batch dimension: the list fills the whole (fixed) input.
         let whole: Option<Vec<usize>> = spec.shape.iter().map(|d| d.map(|d| d as usize)).collect();
-        let (values, shape) = one_sample(features, spec, whole.as_deref(), "features")?;
+        let (values, shape) = one_sample(features, spec, whole.as_deref(), limit, "features")?;
         let t = TensorData { shape, values };
         return Ok(Parsed { inputs: vec![t], rows: None, render: Render::Predict });
     };
@@ -457,7 +510,7 @@ fn parse_features(features: &Value, d: &Deployed) -> Result<Parsed, ApiError> {
     Ok(Parsed { inputs: vec![TensorData { shape, values }], rows: Some(1), render: Render::Predict })
 }
 
-fn parse_named_inputs(inputs: &Value, d: &Deployed) -> Result<Parsed, ApiError> {
+fn parse_named_inputs(inputs: &Value, d: &Deployed, limit: usize) -> Result<Parsed, ApiError> {
     let Value::Object(given) = inputs else {
         return Err(ApiError::invalid_field(
             "inputs",
@@ -478,12 +531,18 @@ fn parse_named_inputs(inputs: &Value, d: &Deployed) -> Result<Parsed, ApiError> 
         let v = given.get(&spec.name).ok_or_else(|| {
             ApiError::invalid_field(&field, format!("missing: the model takes inputs {}", input_names(specs)))
         })?;
-        let mut t = tensor_from_json(v, spec.element_type, &field)?;
-        let added = layout.batched && t.shape.len() + 1 == spec.shape.len();
+        // The claimed shape meets the model's dimensions before anything is
+        // decoded; the walk then holds the array to that claim.
+        let mut shape = claimed_shape(v);
+        let added = layout.batched && shape.len() + 1 == spec.shape.len();
+        if added {
+            shape.insert(0, 1);
+        }
+        check_dims(&shape, spec, layout.batched, &field)?;
+        let mut t = tensor_from_json(v, spec.element_type, &field, limit)?;
         if added {
             t.shape.insert(0, 1);
         }
-        check_dims(&t, spec, layout.batched, &field)?;
         tensors.push(t);
         added_batch.push(added);
     }
@@ -532,6 +591,7 @@ pub(crate) fn batch_disagreement(tensors: &[TensorData], d: &Deployed) -> Option
 /// `POST /predict/batch`: `{"instances": [[...], ...]}`.
 pub(crate) fn parse_batch(body: &[u8], d: &Deployed) -> Result<Parsed, ApiError> {
     let value = parse_json(body)?;
+    let limit = max_json_elements(body.len());
     let obj = object_of(&value)?;
     let instances = obj
         .get("instances")
@@ -558,7 +618,7 @@ pub(crate) fn parse_batch(body: &[u8], d: &Deployed) -> Result<Parsed, ApiError>
     for (i, instance) in list.iter().enumerate() {
         let field = format!("instances[{i}]");
         let want = sample.as_deref().or(layout.sample_shape.as_deref());
-        let (row, shape) = one_sample(instance, spec, want, &field)?;
+        let (row, shape) = one_sample(instance, spec, want, limit, &field)?;
         append(&mut values, row);
         sample.get_or_insert(shape);
     }
@@ -587,20 +647,20 @@ mod tests {
     #[test]
     fn non_finite_tokens_become_422_naming_the_index() {
         let v = parse_json(br#"{"features":[1.0, NaN, 2]}"#).unwrap();
-        let e = tensor_from_json(&v["features"], ElementType::F32, "features").unwrap_err();
+        let e = tensor_from_json(&v["features"], ElementType::F32, "features", 100).unwrap_err();
         assert_eq!((e.status, e.code, e.field.as_deref()), (422, "non_finite", Some("features[1]")));
 
         let v = parse_json(br#"{"features":[-Infinity]}"#).unwrap();
-        let e = tensor_from_json(&v["features"], ElementType::F32, "features").unwrap_err();
+        let e = tensor_from_json(&v["features"], ElementType::F32, "features", 100).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("features[0]"));
 
         let v = parse_json(br#"{"features":[1, 1e999]}"#).unwrap();
-        let e = tensor_from_json(&v["features"], ElementType::F32, "features").unwrap_err();
+        let e = tensor_from_json(&v["features"], ElementType::F32, "features", 100).unwrap_err();
         assert_eq!((e.code, e.field.as_deref()), ("non_finite", Some("features[1]")));
 
         // Fits f64 but not f32.
         let v = parse_json(br#"{"features":[1e39]}"#).unwrap();
-        let e = tensor_from_json(&v["features"], ElementType::F32, "features").unwrap_err();
+        let e = tensor_from_json(&v["features"], ElementType::F32, "features", 100).unwrap_err();
         assert_eq!(e.code, "non_finite");
 
         // Inside a string, NaN is just text and the body stays malformed elsewhere.
@@ -611,17 +671,17 @@ mod tests {
     #[test]
     fn ragged_and_mistyped_arrays_are_named() {
         let v: Value = serde_json::from_str("[[1,2],[3]]").unwrap();
-        let e = tensor_from_json(&v, ElementType::F32, "x").unwrap_err();
+        let e = tensor_from_json(&v, ElementType::F32, "x", 100).unwrap_err();
         assert_eq!((e.code, e.field.as_deref()), ("invalid_shape", Some("x[1]")));
         let v: Value = serde_json::from_str(r#"[[1,2],[3,"a"]]"#).unwrap();
-        let e = tensor_from_json(&v, ElementType::F32, "x").unwrap_err();
+        let e = tensor_from_json(&v, ElementType::F32, "x", 100).unwrap_err();
         assert_eq!((e.code, e.field.as_deref()), ("invalid_field", Some("x[1][1]")));
         let v: Value = serde_json::from_str("[1.5]").unwrap();
-        assert_eq!(tensor_from_json(&v, ElementType::I64, "x").unwrap_err().code, "invalid_field");
+        assert_eq!(tensor_from_json(&v, ElementType::I64, "x", 100).unwrap_err().code, "invalid_field");
         let v: Value = serde_json::from_str("[300]").unwrap();
-        assert_eq!(tensor_from_json(&v, ElementType::U8, "x").unwrap_err().code, "invalid_field");
+        assert_eq!(tensor_from_json(&v, ElementType::U8, "x", 100).unwrap_err().code, "invalid_field");
         let v: Value = serde_json::from_str("[[1,2],[3,4]]").unwrap();
-        let t = tensor_from_json(&v, ElementType::I32, "x").unwrap();
+        let t = tensor_from_json(&v, ElementType::I32, "x", 100).unwrap();
         assert_eq!(t.shape, vec![2, 2]);
         assert_eq!(t.values, TensorValues::I32(vec![1, 2, 3, 4]));
     }

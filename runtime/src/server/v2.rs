@@ -268,8 +268,12 @@ pub(crate) fn parse_infer(body: &[u8], header_len: Option<usize>, d: &Deployed) 
             ));
         }
         let shape = shape_field(obj, &field)?;
-        let count: usize = shape.iter().try_fold(1usize, |acc, d| acc.checked_mul(*d)).ok_or_else(|| {
-            ApiError::invalid_shape(format!("{field}.shape"), "the shape's element count overflows")
+        let shape_name = format!("{field}.shape");
+        // The claimed shape meets the model's dimensions and the body's size
+        // before any value is decoded or any room reserved for them.
+        request::check_dims(&shape, spec, layout[ix].batched, &shape_name)?;
+        let count = request::element_count(&shape).ok_or_else(|| {
+            ApiError::invalid_shape(&shape_name, format!("the element count of {shape:?} overflows"))
         })?;
         let values = match (binary_size(obj, &field)?, obj.get("data")) {
             (Some(_), Some(_)) => {
@@ -279,7 +283,13 @@ pub(crate) fn parse_infer(body: &[u8], header_len: Option<usize>, d: &Deployed) 
                 ))
             }
             (Some(size), None) => {
-                if size != count.saturating_mul(element_size(t)) {
+                let Some(bytes) = count.checked_mul(element_size(t)) else {
+                    return Err(ApiError::invalid_shape(
+                        &shape_name,
+                        format!("the byte size of {count} {datatype} values of shape {shape:?} overflows"),
+                    ));
+                };
+                if size != bytes {
                     return Err(ApiError::invalid_shape(
                         format!("{field}.parameters.binary_data_size"),
                         format!("{size} bytes do not hold {count} {datatype} values of shape {shape:?}"),
@@ -304,8 +314,15 @@ pub(crate) fn parse_infer(body: &[u8], header_len: Option<usize>, d: &Deployed) 
                 values
             }
             (None, Some(data)) => {
+                let limit = request::max_json_elements(json.len());
+                if count > limit {
+                    return Err(ApiError::invalid_shape(
+                        &shape_name,
+                        format!("{shape:?} claims {count} values, more than the body can hold ({limit} at most)"),
+                    ));
+                }
                 let data_field = format!("{field}.data");
-                let flat = request::tensor_from_json(data, t, &data_field)?;
+                let flat = request::tensor_from_json(data, t, &data_field, limit)?;
                 if flat.values.len() != count {
                     return Err(ApiError::invalid_shape(
                         data_field,
@@ -318,9 +335,7 @@ pub(crate) fn parse_infer(body: &[u8], header_len: Option<usize>, d: &Deployed) 
                 return Err(ApiError::invalid_field(format!("{field}.data"), "missing"));
             }
         };
-        let tensor = TensorData { shape, values };
-        request::check_dims(&tensor, spec, layout[ix].batched, &format!("{field}.shape"))?;
-        slots[ix] = Some(tensor);
+        slots[ix] = Some(TensorData { shape, values });
     }
     let mut inputs = Vec::with_capacity(specs.len());
     for (ix, slot) in slots.into_iter().enumerate() {
