@@ -7,11 +7,15 @@
 //! keys_dir   = "/etc/outpost/keys"        # online.key, online.cert, root.pub (`outpost-fleet keygen`)
 //!
 //! [broker]
-//! listen = "0.0.0.0:1883"                 # embedded MQTT broker (the default)
+//! listen = "127.0.0.1:1883"               # embedded MQTT broker (default: loopback only;
+//!                                         # "0.0.0.0:1883" to serve devices on the network)
+//! tls_cert = "/etc/outpost/broker.crt"    # embedded broker: serve MQTT over TLS (PEM chain)…
+//! tls_key  = "/etc/outpost/broker.key"    # …and its private key (PEM); both or neither
+//! dashboard_password = "…"                # embedded broker: user `dashboard` may read outpost/v1/fleet/#
 //! # url = "mqtt://mosquitto:1883"         # …or an external broker instead of `listen`
 //! # username = "outpost-fleet"           # the fleet's own credential on an external broker
 //! # password = "…"
-//! public_url = "mqtt://fleet.example.com:1883"  # what `provision` writes into agent configs
+//! public_url = "mqtts://fleet.example.com:1883" # what `provision` writes into agent configs
 //! max_connections = 12000                 # embedded broker: devices + a margin
 //!
 //! [artifacts]
@@ -28,11 +32,15 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub use crate::broker::TlsFiles;
+
 /// Default operator API address: loopback, so a fresh install is not open
 /// to the network until someone decides it should be.
 pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:8700";
-/// Default embedded broker address: devices must reach it, so all interfaces.
-pub const DEFAULT_BROKER_LISTEN: &str = "0.0.0.0:1883";
+/// Default embedded broker address: loopback, like the API, so a fresh
+/// install serves no plaintext MQTT to the network until someone decides
+/// it should (and [`crate::broker::start_embedded`] warns when it does).
+pub const DEFAULT_BROKER_LISTEN: &str = "127.0.0.1:1883";
 /// Shortest accepted API token: anything shorter is guessable.
 pub const MIN_TOKEN_LEN: usize = 16;
 
@@ -50,8 +58,9 @@ pub enum ConfigError {
 /// Where the fleet's MQTT broker is.
 #[derive(Clone, Debug, PartialEq)]
 pub enum BrokerMode {
-    /// The embedded rumqttd, listening here.
-    Embedded { listen: SocketAddr },
+    /// The embedded rumqttd, listening here, over TLS with `tls`, with a
+    /// read-only `dashboard` identity when `dashboard_password` is set.
+    Embedded { listen: SocketAddr, tls: Option<TlsFiles>, dashboard_password: Option<String> },
     /// An external broker (mosquitto, EMQX) the fleet connects to as a client.
     External { url: BrokerUrl, username: Option<String>, password: Option<String> },
 }
@@ -149,6 +158,9 @@ struct RawBroker {
     password: Option<String>,
     public_url: Option<String>,
     max_connections: Option<usize>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    dashboard_password: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -204,6 +216,12 @@ impl FleetConfig {
                 if b.username.is_some() != b.password.is_some() {
                     return Err(key("broker.password", "broker.username and broker.password go together".into()));
                 }
+                if b.tls_cert.is_some() || b.tls_key.is_some() {
+                    return Err(key("broker.tls_cert", "only for the embedded broker (broker.listen); configure TLS on the external broker itself".into()));
+                }
+                if b.dashboard_password.is_some() {
+                    return Err(key("broker.dashboard_password", "only for the embedded broker; add the dashboard user to the external broker itself".into()));
+                }
                 BrokerMode::External { url, username: b.username, password: b.password }
             }
             (listen, None) => {
@@ -214,22 +232,37 @@ impl FleetConfig {
                 let listen = text
                     .parse()
                     .map_err(|_| key("broker.listen", format!("{text:?} is not an address like 0.0.0.0:1883")))?;
-                BrokerMode::Embedded { listen }
+                let tls = match (b.tls_cert, b.tls_key) {
+                    (Some(cert), Some(key)) => Some(TlsFiles { cert: anchor(cert), key: anchor(key) }),
+                    (None, None) => None,
+                    (Some(_), None) => return Err(key("broker.tls_key", "missing: broker.tls_cert and broker.tls_key go together".into())),
+                    (None, Some(_)) => return Err(key("broker.tls_cert", "missing: broker.tls_cert and broker.tls_key go together".into())),
+                };
+                if let Some(p) = &b.dashboard_password {
+                    if p.len() < MIN_TOKEN_LEN || p.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                        return Err(key(
+                            "broker.dashboard_password",
+                            format!("must be at least {MIN_TOKEN_LEN} characters, without spaces or control characters"),
+                        ));
+                    }
+                }
+                BrokerMode::Embedded { listen, tls, dashboard_password: b.dashboard_password }
             }
         };
         let public_broker_url = match b.public_url {
             Some(u) => BrokerUrl::parse(&u).map_err(|m| key("broker.public_url", m))?,
             None => match &broker {
                 BrokerMode::External { url, .. } => url.clone(),
-                BrokerMode::Embedded { listen } => {
-                    // 0.0.0.0 is no address a device can dial: say so
-                    // rather than write an agent config that cannot connect.
-                    let host = if listen.ip().is_unspecified() {
+                BrokerMode::Embedded { listen, tls, .. } => {
+                    // 0.0.0.0 is no address a device can dial, and a loopback
+                    // broker serves only this machine: say "localhost" rather
+                    // than write an address that looks meant for devices.
+                    let host = if listen.ip().is_unspecified() || listen.ip().is_loopback() {
                         "localhost".to_string()
                     } else {
                         listen.ip().to_string()
                     };
-                    BrokerUrl { host, port: listen.port(), tls: false }
+                    BrokerUrl { host, port: listen.port(), tls: tls.is_some() }
                 }
             },
         };
@@ -285,7 +318,9 @@ mod tests {
     fn defaults_to_the_embedded_broker() {
         let c = parse(GOOD).expect("parses");
         assert_eq!(c.data_dir, PathBuf::from("/etc/data"));
-        assert_eq!(c.broker, BrokerMode::Embedded { listen: DEFAULT_BROKER_LISTEN.parse().expect("addr") });
+        let listen: SocketAddr = DEFAULT_BROKER_LISTEN.parse().expect("addr");
+        assert!(listen.ip().is_loopback() && listen.port() == 1883, "loopback, the usual port");
+        assert_eq!(c.broker, BrokerMode::Embedded { listen, tls: None, dashboard_password: None });
         assert_eq!(c.public_broker_url.to_string(), "mqtt://localhost:1883");
         assert_eq!(c.api_listen.to_string(), DEFAULT_API_LISTEN);
     }
@@ -299,6 +334,11 @@ mod tests {
             (&format!("{GOOD}[broker]\nurl = \"http://x\"\n"), "broker.url: "),
             (&format!("{GOOD}[broker]\nurl = \"mqtt://x:1\"\nlisten = \"0.0.0.0:1\"\n"), "broker.url: set either"),
             (&format!("{GOOD}[broker]\nlisten = \"x\"\n"), "broker.listen: "),
+            (&format!("{GOOD}[broker]\ntls_cert = \"c.pem\"\n"), "broker.tls_key: missing"),
+            (&format!("{GOOD}[broker]\ntls_key = \"k.pem\"\n"), "broker.tls_cert: missing"),
+            (&format!("{GOOD}[broker]\nurl = \"mqtt://x:1\"\ntls_cert = \"c\"\ntls_key = \"k\"\n"), "broker.tls_cert: only for the embedded"),
+            (&format!("{GOOD}[broker]\ndashboard_password = \"short\"\n"), "broker.dashboard_password: must be"),
+            (&format!("{GOOD}[broker]\nurl = \"mqtt://x:1\"\ndashboard_password = \"0123456789abcdef\"\n"), "broker.dashboard_password: only"),
             (&format!("{GOOD}[artifacts]\nmax_chunk_bytes = 10\n"), "artifacts.max_chunk_bytes"),
             (&format!("{GOOD}dta_dir = 1\n"), "line 4: unknown field `dta_dir`"),
         ];
@@ -307,6 +347,26 @@ mod tests {
             assert!(err.contains(want), "{err:?} should contain {want:?}");
             assert!(!err.contains('\n'), "one line: {err:?}");
         }
+    }
+
+    #[test]
+    fn embedded_broker_with_tls_and_a_dashboard() {
+        let c = parse(&format!(
+            "{GOOD}[broker]\nlisten = \"0.0.0.0:8883\"\ntls_cert = \"tls/cert.pem\"\ntls_key = \"/k/key.pem\"\ndashboard_password = \"0123456789abcdef\"\n"
+        ))
+        .expect("parses");
+        let tls = TlsFiles { cert: PathBuf::from("/etc/tls/cert.pem"), key: PathBuf::from("/k/key.pem") };
+        assert_eq!(
+            c.broker,
+            BrokerMode::Embedded {
+                listen: "0.0.0.0:8883".parse().expect("addr"),
+                tls: Some(tls),
+                dashboard_password: Some("0123456789abcdef".into())
+            }
+        );
+        assert_eq!(c.public_broker_url.to_string(), "mqtts://localhost:8883", "TLS is what devices are told");
+        let c = parse(&format!("{GOOD}[broker]\nlisten = \"10.1.2.3:1883\"\n")).expect("parses");
+        assert_eq!(c.public_broker_url.to_string(), "mqtt://10.1.2.3:1883");
     }
 
     #[test]

@@ -31,6 +31,7 @@
 //! - [`simulate`]: `simulate --devices N`, a fleet of simulated devices
 //!   (the agent's protocol code, one MQTT connection each) for benchmarks.
 
+pub mod acl;
 pub mod api;
 pub mod artifacts;
 pub mod broker;

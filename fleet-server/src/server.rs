@@ -93,7 +93,7 @@ pub fn start(config: FleetConfig) -> anyhow::Result<Running> {
     let metrics = Arc::new(Metrics::new());
 
     let (link_options, broker_addr) = match &config.broker {
-        BrokerMode::Embedded { listen } => {
+        BrokerMode::Embedded { listen, tls, dashboard_password } => {
             let filters = [
                 outpost_runtime::protocol::topics::Kind::State,
                 outpost_runtime::protocol::topics::Kind::Telemetry,
@@ -112,12 +112,14 @@ pub fn start(config: FleetConfig) -> anyhow::Result<Running> {
                     .max_packet_bytes()
                     .max(config.artifacts.max_chunk_bytes as usize + (64 << 10)),
                 fleet_filters: filters,
+                tls: tls.clone(),
+                dashboard_password: dashboard_password.clone(),
             };
             let b = broker::start_embedded(settings, registry.clone())?;
             let mut o = LinkOptions::new(&b.listen.ip().to_string(), b.listen.port());
             o.username = Some(b.fleet.username.clone());
             o.password = Some(b.fleet.password.clone());
-            log::info!("embedded MQTT broker listening on {listen}");
+            log::info!("embedded MQTT broker listening on {listen}{}", if tls.is_some() { " (TLS)" } else { "" });
             (o, Some(b.listen))
         }
         BrokerMode::External { url, username, password } => {
