@@ -4,11 +4,12 @@
 //! | method, path | auth | what |
 //! |---|---|---|
 //! | GET `/health` | – | 200 `{"status":"healthy"}` while the process serves |
-//! | GET `/ready` | – | 200 `{"status":"ready"}` once the registry is open and the MQTT link is up, else 503 with the reason |
+//! | GET `/ready` | – | 200 `{"status":"ready"}` once the registry is open and the MQTT link is up, else 503 with the reason (naming any server thread that stopped) |
 //! | GET `/metrics` | – | Prometheus text (see [`crate::metrics`]) |
 //! | GET `/v1/devices` | ✓ | `{"devices":[…]}` |
 //! | GET `/v1/devices/{id}` | ✓ | one device, with its current directive |
-//! | POST `/v1/devices` | ✓ | provision: `{"device_id","tags":[…],"state_dir"?,"listen"?}` → 201 with the agent config |
+//! | POST `/v1/devices` | ✓ | provision: `{"device_id","tags":[…],"state_dir"?,"listen"?}` → 201 with the agent config (a decommissioned id gets new keys and credentials) |
+//! | POST `/v1/devices/{id}/decommission`, DELETE `/v1/devices/{id}` | ✓ | decommission: credential and key revoked, caches dropped, retained directive cleared → `{"device","decommissioned":true,"already":bool}`; 404 for an unknown id |
 //! | GET `/v1/models` | ✓ | `{"versions":[…]}` |
 //! | POST `/v1/uploads?filename=F` | ✓ | raw body → 201 `{"upload":ID,"size":N}`; single-use, for publish |
 //! | POST `/v1/publish` | ✓ | `{"name","version","model":ID,"train_data":ID,"test_data":ID,"min_accuracy"}` → 201 report; 422/409 refusal |
@@ -34,6 +35,23 @@
 //!
 //! The API speaks plain HTTP; put it on loopback or a private network, or
 //! behind a TLS-terminating proxy (provisioning answers carry device secrets).
+//!
+//! # Limits
+//!
+//! The process also hosts the broker, so what a client can make the API
+//! hold is bounded like the device's server (tiny_http's event-driven
+//! server on Linux, `vendor/tiny_http/PATCHES.md`): a request head of at
+//! most [`MAX_HEAD_BYTES`] (431 beyond, the connection closed),
+//! [`MAX_CONNECTIONS`] open connections, [`IO_TIMEOUT`] for any stall while
+//! a body is read or an answer written. Heads and bodies up to 64 KiB are
+//! read by the epoll loop before a worker sees the request, so a client
+//! that sends slowly (or announces a body and sends nothing) holds a
+//! connection slot, not a worker; a larger body (an upload, streamed to
+//! disk up to [`MAX_UPLOAD_BYTES`]) is read by the worker, and only for
+//! an authorized request, at most [`MAX_UPLOADS_AT_ONCE`] at a time. A body the handler left unread is never drained:
+//! the connection is closed after the answer (a 413, a 401, a 404). A
+//! panic while answering is caught: the client gets a 500 and the worker
+//! goes on (see [`crate::supervisor`]).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -57,6 +75,38 @@ pub const MAX_JSON_BYTES: u64 = 1 << 20;
 pub const MAX_UPLOAD_BYTES: u64 = 512 << 20;
 /// Worker threads answering requests; a publish occupies one for seconds.
 pub const WORKERS: usize = 8;
+/// Longest request head (request line and headers).
+pub const MAX_HEAD_BYTES: usize = 16 << 10;
+/// Most connections open at once; more are closed as soon as accepted.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Longest wait for a client while reading a body or writing an answer.
+pub const IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Uploads streaming at once. An upload holds a worker while its body
+/// arrives (a slow client: up to [`IO_TIMEOUT`] per stall), so half the
+/// workers stay free for everything else; one more upload is answered 503.
+pub const MAX_UPLOADS_AT_ONCE: usize = WORKERS / 2;
+
+/// Uploads streaming now (process-wide: one API per process).
+static UPLOADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One of the [`MAX_UPLOADS_AT_ONCE`] upload slots, given back on drop.
+struct UploadSlot;
+
+impl UploadSlot {
+    fn take() -> Option<UploadSlot> {
+        use std::sync::atomic::Ordering;
+        UPLOADS
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_UPLOADS_AT_ONCE).then_some(n + 1))
+            .ok()
+            .map(|_| UploadSlot)
+    }
+}
+
+impl Drop for UploadSlot {
+    fn drop(&mut self) {
+        UPLOADS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
 
 /// An API answer: status and JSON (or text for /metrics).
 pub struct Reply {
@@ -83,19 +133,25 @@ fn error(status: u16, code: &str, message: &str) -> Reply {
 
 /// Serves the API until the process ends. Returns once the listener is up.
 pub fn start(fleet: Arc<Fleet>) -> Result<std::net::SocketAddr, String> {
-    let server = tiny_http::Server::http(fleet.config.api_listen)
-        .map_err(|e| format!("api_listen: cannot listen on {}: {e}", fleet.config.api_listen))?;
+    let listen = fleet.config.api_listen;
+    let listener =
+        std::net::TcpListener::bind(listen).map_err(|e| format!("api_listen: cannot listen on {listen}: {e}"))?;
+    let server = http_server(listener).map_err(|e| format!("api_listen: serving on {listen}: {e}"))?;
     let addr = server.server_addr().to_ip().ok_or("api_listen: not an IP listener")?;
     let server = Arc::new(server);
     for i in 0..WORKERS {
         let server = server.clone();
-        let fleet = fleet.clone();
-        std::thread::Builder::new()
-            .name(format!("api-{i}"))
-            .spawn(move || loop {
+        let worker_fleet = fleet.clone();
+        fleet
+            .supervisor
+            .spawn(&format!("api-{i}"), move || loop {
                 match server.recv() {
-                    Ok(req) => handle(&fleet, req),
-                    Err(e) => log::warn!("api: accepting a request: {e}"),
+                    Ok(req) => handle(&worker_fleet, req),
+                    Err(e) => {
+                        log::warn!("api: accepting a request: {e}");
+                        // Not a busy loop if accepting keeps failing (fds exhausted).
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
                 }
             })
             .map_err(|e| format!("starting API threads: {e}"))?;
@@ -103,8 +159,32 @@ pub fn start(fleet: Arc<Fleet>) -> Result<std::net::SocketAddr, String> {
     Ok(addr)
 }
 
+/// The API's server with its limits (module docs).
+#[cfg(target_os = "linux")]
+fn http_server(listener: std::net::TcpListener) -> std::io::Result<tiny_http::Server> {
+    let limits = tiny_http::EventedLimits {
+        max_head_bytes: MAX_HEAD_BYTES,
+        max_buffered_body: 64 << 10,
+        max_connections: MAX_CONNECTIONS,
+        io_timeout: IO_TIMEOUT,
+        // Close, never drain: draining waits for the client, on a worker.
+        max_drain_bytes: 0,
+    };
+    tiny_http::Server::from_listener_evented(listener, limits)
+}
+
+/// Elsewhere upstream's threaded server (no limits on heads or waits:
+/// the fleet server is meant to run on Linux).
+#[cfg(not(target_os = "linux"))]
+fn http_server(listener: std::net::TcpListener) -> std::io::Result<tiny_http::Server> {
+    tiny_http::Server::from_listener(listener, None).map_err(|e| std::io::Error::other(e.to_string()))
+}
+
 fn handle(fleet: &Fleet, mut req: Request) {
-    let reply = route(fleet, &mut req);
+    let reply = fleet
+        .supervisor
+        .guard("an API request", || route(fleet, &mut req))
+        .unwrap_or_else(|| error(500, "internal", "the server failed on this request (logged); it carries on"));
     fleet.metrics.api(reply.status);
     let mut response = Response::from_data(reply.body).with_status_code(reply.status);
     if let Ok(h) = Header::from_bytes(&b"Content-Type"[..], reply.content_type.as_bytes()) {
@@ -194,6 +274,9 @@ fn route(fleet: &Fleet, req: &mut Request) -> Reply {
             (Ok(None), _) => error(404, "not_found", &format!("no device {id}")),
             (Err(e), _) | (_, Err(e)) => error(500, "internal", &e.to_string()),
         },
+        (Method::Post, ["devices", id, "decommission"]) | (Method::Delete, ["devices", id]) => {
+            decommission(fleet, id, &actor)
+        }
         (Method::Post, ["devices"]) => {
             let body: ProvisionRequest = match read_json(req) {
                 Ok(b) => b,
@@ -203,6 +286,12 @@ fn route(fleet: &Fleet, req: &mut Request) -> Reply {
             let target = body.device_id.clone();
             match result {
                 Ok(p) => {
+                    // The new key from now on (a re-provisioned id's old
+                    // one is forgotten with everything cached about it).
+                    fleet.inbox.learn(&target);
+                    if let Some(auth) = &fleet.broker_auth {
+                        auth.forget(&target);
+                    }
                     fleet.audit(&actor, "provision", &target, "ok");
                     Reply::ok(201, &p)
                 }
@@ -256,6 +345,9 @@ fn route(fleet: &Fleet, req: &mut Request) -> Reply {
         (_, ["rollouts"] | ["rollouts", _] | ["rollouts", _, "pause" | "resume" | "abort"] | ["rollback"]) => {
             error(405, "method_not_allowed", &format!("{method} is not allowed on {path}"))
         }
+        (_, ["devices", _, "decommission"]) => {
+            error(405, "method_not_allowed", &format!("{method} is not allowed on {path}"))
+        }
         (_, ["devices"] | ["devices", _] | ["models"] | ["uploads"] | ["publish"] | ["deploy"] | ["audit"]) => {
             error(405, "method_not_allowed", &format!("{method} is not allowed on {path}"))
         }
@@ -299,6 +391,9 @@ fn upload(fleet: &Fleet, req: &mut Request, query: &str, actor: &str) -> Reply {
     if req.body_length().is_some_and(|n| n as u64 > MAX_UPLOAD_BYTES) {
         return error(413, "too_large", &format!("uploads are limited to {MAX_UPLOAD_BYTES} bytes"));
     }
+    let Some(_slot) = UploadSlot::take() else {
+        return error(503, "unavailable", &format!("{MAX_UPLOADS_AT_ONCE} uploads are in progress; try again shortly"));
+    };
     let id = format!("{:016x}", unique());
     let dir = fleet.config.uploads_dir().join(&id);
     let path = dir.join(&name);
@@ -475,4 +570,43 @@ fn rollback(fleet: &Fleet, req: &mut Request, actor: &str) -> Reply {
             rollout_error(&e)
         }
     }
+}
+
+/// Decommissions a device (`outpost-fleet decommission`): the registry
+/// empties its credential and key and drops its directive; the link forgets
+/// its key, counters and presence, so everything it signs is rejected from
+/// now on; the broker forgets its cached credential, so it cannot connect
+/// again; its retained directive is cleared. A session open at that moment
+/// can still read its own topics until it drops, and nothing it publishes
+/// is believed.
+fn decommission(fleet: &Fleet, id: &str, actor: &str) -> Reply {
+    let newly = match fleet.registry.decommission(id) {
+        Ok(n) => n,
+        Err(e @ crate::registry::RegistryError::UnknownDevice(_)) => {
+            fleet.audit(actor, "decommission", id, &format!("refused: {e}"));
+            return error(404, "not_found", &e.to_string());
+        }
+        Err(e) => {
+            fleet.audit(actor, "decommission", id, &format!("failed: {e}"));
+            return error(500, "internal", &e.to_string());
+        }
+    };
+    fleet.inbox.forget(id);
+    if let Some(auth) = &fleet.broker_auth {
+        auth.forget(id);
+    }
+    // An empty retained message removes the retained directive.
+    let cleared = fleet.link.client.try_publish(
+        outpost_runtime::protocol::topics::desired(id),
+        rumqttc::QoS::AtLeastOnce,
+        true,
+        Vec::new(),
+    );
+    let mut result = if newly { "ok".to_string() } else { "ok: already decommissioned".to_string() };
+    if let Err(e) = &cleared {
+        log::warn!("decommission {id}: clearing its retained directive: {e}");
+        result.push_str(&format!("; its retained directive was not cleared ({e})"));
+    }
+    fleet.audit(actor, "decommission", id, &result);
+    Reply::json(200, json!({"device": id, "decommissioned": true, "already": !newly}))
 }

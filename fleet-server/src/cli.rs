@@ -114,12 +114,45 @@ pub struct ListArgs {
 }
 
 /// `serve`: runs until killed.
+/// Runs the server until SIGTERM or SIGINT; then writes what must survive
+/// the stop (the devices' counter floors, see `fleet_link`) and exits.
+/// Everything else is already on disk.
 pub fn serve(args: &ServeArgs) -> anyhow::Result<String> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
     let config = FleetConfig::load(&args.config)?;
-    let _running = crate::server::start(config)?;
-    loop {
-        std::thread::park();
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).context("installing the SIGTERM handler")?;
+    let running = crate::server::start(config)?;
+    let signal = signals.forever().next();
+    let n = running.fleet.inbox.flush_counters();
+    log::info!("stopping on signal {}; wrote the counter floors of {n} device(s)", signal.unwrap_or(0));
+    Ok("stopped".into())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DecommissionArgs {
+    /// The device to take out of the fleet.
+    pub device_id: String,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+/// `decommission DEVICE_ID`: revokes the device's credential and key (its
+/// signed messages are refused from then on, it cannot connect again) and
+/// clears its directive. `provision` of the same id later issues new keys.
+pub fn decommission(args: &DecommissionArgs) -> anyhow::Result<String> {
+    crate::provisioning::validate_device_id(&args.device_id)?;
+    let r = args.server.client()?.post_json(&format!("/v1/devices/{}/decommission", args.device_id), &json!({}))?;
+    if args.server.json {
+        return pretty(&r);
     }
+    Ok(if r["already"].as_bool() == Some(true) {
+        format!("{} was already decommissioned", args.device_id)
+    } else {
+        format!(
+            "decommissioned {}: its credential and key are revoked, its directive cleared; provision the id again for new ones",
+            args.device_id
+        )
+    })
 }
 
 /// A table: header and rows, columns padded to the widest cell.

@@ -17,7 +17,10 @@
 //! [`Directives::republish_all`] runs on every (re)connection to the broker
 //! and puts every recorded directive back. The embedded broker keeps
 //! retained messages in memory only, so after a fleet restart this is what
-//! lets a device that reconnects find its desired state.
+//! lets a device that reconnects find its desired state. A device that
+//! reports an older directive than the one recorded (it refused a forgery
+//! that replaced the retained one, or was away) gets it re-sent by the MQTT
+//! link (`fleet_link`, at most once per 30 s per device).
 
 use std::sync::Arc;
 
@@ -112,7 +115,8 @@ impl Directives {
         let bundle_sha256 = Digest::from_hex(&record.bundle_sha256).ok_or_else(|| damaged("bundle sha256"))?;
         let manifest_sha256 = Digest::from_hex(&record.manifest_sha256).ok_or_else(|| damaged("manifest sha256"))?;
         for d in devices {
-            if self.registry.device(d)?.is_none() {
+            // A decommissioned device is no longer part of the fleet.
+            if self.registry.device(d)?.filter(|r| r.decommissioned_at.is_none()).is_none() {
                 return Err(DeployError::UnknownDevice(d.clone()));
             }
         }

@@ -13,13 +13,39 @@
 //!
 //! - **state** counters are kept in the registry (`last_counter`, checked
 //!   again inside the `UPDATE`), so a replay stays refused across restarts.
-//! - **telemetry, sketch, chunk request** counters are kept in memory:
-//!   after a restart an old one could be accepted once, which costs a
-//!   re-sent chunk or a duplicated telemetry window, nothing more; writing
-//!   every chunk request to disk would cost far more.
-//! - The **last will** (`{"status":"offline"}`) is unsigned by nature (the
-//!   broker sends it). It only sets an in-memory presence hint shown as
-//!   `online: false`; the registry keeps the last signed state.
+//! - **telemetry, sketch, chunk request** counters are kept in memory, per
+//!   kind. Across a restart a device's messages share one floor: the
+//!   highest counter the fleet accepted from it in *any* message (an agent
+//!   takes every counter from one monotonic sequence). The link keeps that
+//!   high-water mark per device and writes the ones that changed to the
+//!   registry (`counter_floor`) in one transaction every [`FLUSH_EVERY`],
+//!   and at a clean stop ([`Inbox::flush_counters`], called on SIGTERM);
+//!   at start every kind's counter begins at the stored floor. What is left
+//!   open: a message accepted after the last flush before a `kill -9` or a
+//!   power cut can be replayed once after the restart (at most
+//!   [`FLUSH_EVERY`] of a device's traffic, one telemetry window or a few
+//!   chunk requests); a state never, its counter is in the registry.
+//! - The **last will** is a signed `DeviceWill`, made by the agent when
+//!   it connects and sent by the broker when the connection drops. It is
+//!   verified like any device message, with its own counter kind (`will`,
+//!   above the last will accepted), and only then marks the device
+//!   offline. An unsigned `{"status":"offline"}` (the old will, or anyone
+//!   imitating it) is rejected and changes nothing. The will's counter has
+//!   no floor across restarts (it was signed when the device connected,
+//!   below everything it sent since): after a restart one old will could
+//!   be believed, showing the device offline until its next message.
+//! - A **decommissioned** device has no key: everything it signs is
+//!   rejected ([`Inbox::forget`] drops what the link cached about it).
+//!
+//! # Limits and lagging devices
+//!
+//! The event loop admits each device message through a per-device,
+//! per-kind token bucket ([`crate::rate_limit`]) before queueing it: a
+//! flood is dropped and counted (`result="rate_limited"`), never waited
+//! for. A verified state whose `directive_sequence` is below the directive
+//! recorded for the device (it refused a forged one, or missed it offline)
+//! gets the recorded directive re-sent, retained, at most once per
+//! [`RESEND_EVERY`] per device.
 //!
 //! # Threads
 //!
@@ -58,13 +84,14 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use outpost_runtime::bundle::PublicKey;
 use outpost_runtime::protocol::topics::{self, Kind};
 use outpost_runtime::protocol::{
-    parse_state_payload, ChunkRequest, DeviceMessage, DeviceSigned, Limits, SketchMessage, StatePayload, Telemetry,
+    parse_state_payload, ChunkRequest, DeviceMessage, DeviceSigned, DeviceState, Limits, SketchMessage, StatePayload,
+    Telemetry,
 };
 use rumqttc::{Client, Event, MqttOptions, Outgoing as SentPacket, Packet, QoS};
 
@@ -72,7 +99,9 @@ use crate::artifacts::Artifacts;
 use crate::broker::FLEET_CLIENT_ID;
 use crate::metrics::Metrics;
 use crate::observations::Observations;
+use crate::rate_limit::{DeviceRates, Limiter};
 use crate::registry::{DeviceStateUpdate, Registry};
+use crate::supervisor::Supervisor;
 
 /// Messages waiting for the workers (all queues together): 10,000 devices
 /// reconnecting at once each flush a state and buffered telemetry.
@@ -94,6 +123,11 @@ const STALE_CHUNK_REQUEST: Duration = Duration::from_secs(5);
 /// A telemetry message refreshes `last_seen` in the registry at most this
 /// often per device (seconds): the registry fsyncs every write.
 const SEEN_EVERY_SECS: i64 = 60;
+/// How often the devices' counter high-water marks are written to the
+/// registry (module docs: the replay window after a crash).
+pub const FLUSH_EVERY: Duration = Duration::from_secs(5);
+/// A device's recorded directive is re-sent at most this often.
+pub const RESEND_EVERY: Duration = Duration::from_secs(30);
 
 /// How to reach the broker.
 #[derive(Clone, Debug)]
@@ -103,22 +137,38 @@ pub struct LinkOptions {
     pub username: Option<String>,
     pub password: Option<String>,
     pub client_id: String,
+    /// Per-device limits on what devices publish.
+    pub rates: DeviceRates,
 }
 
 impl LinkOptions {
     pub fn new(host: &str, port: u16) -> LinkOptions {
-        LinkOptions { host: host.into(), port, username: None, password: None, client_id: FLEET_CLIENT_ID.into() }
+        LinkOptions {
+            host: host.into(),
+            port,
+            username: None,
+            password: None,
+            client_id: FLEET_CLIENT_ID.into(),
+            rates: DeviceRates::default(),
+        }
     }
 }
 
-/// What the fleet knows about devices in memory.
+/// What the fleet knows about devices in memory. Entries exist only for
+/// devices in the registry (keys loaded) and go with [`Inbox::forget`].
 #[derive(Default)]
 pub struct Presence {
     keys: HashMap<String, PublicKey>,
     counters: HashMap<(String, &'static str), u64>,
-    /// `false` after a last will, `true` after any verified message.
+    /// The replay floor of every kind but the will, from the registry at start.
+    floors: HashMap<String, u64>,
+    /// Highest counter accepted since the last flush, per device.
+    high_water: HashMap<String, u64>,
+    /// `false` after a verified will, `true` after any other verified message.
     online: HashMap<String, bool>,
     seen_written: HashMap<String, i64>,
+    /// When the device's directive was last re-sent.
+    resent: HashMap<String, Instant>,
 }
 
 /// Verifies device messages and acts on them (module docs).
@@ -130,6 +180,8 @@ pub struct Inbox {
     observations: Arc<Observations>,
     limits: Limits,
     presence: Mutex<Presence>,
+    /// The link's client, for re-sending directives (set by [`start`]).
+    mqtt: OnceLock<Client>,
 }
 
 /// What a worker should send back, if anything.
@@ -142,73 +194,176 @@ impl Inbox {
         metrics: Arc<Metrics>,
         observations: Arc<Observations>,
     ) -> Inbox {
-        Inbox {
+        let inbox = Inbox {
             registry,
             artifacts,
             metrics,
             observations,
             limits: Limits::default(),
             presence: Mutex::new(Presence::default()),
-        }
+            mqtt: OnceLock::new(),
+        };
+        inbox.load();
+        inbox
     }
 
-    /// The device's presence hint: `Some(false)` after its last will,
-    /// `Some(true)` after a verified message, `None` if not heard of since start.
+    /// Loads every provisioned device's key and replay floor, so that the
+    /// rate limiter knows them from the first message (a device it does not
+    /// know shares the bucket of unknown ids).
+    fn load(&self) {
+        let devices = match self.registry.devices() {
+            Ok(d) => d,
+            Err(e) => {
+                log::error!("mqtt: loading device keys: {e}; they load one by one as devices speak");
+                Vec::new()
+            }
+        };
+        let floors = match self.registry.counter_floors() {
+            Ok(f) => f,
+            Err(e) => {
+                // Without floors, replays of the last moments before the
+                // restart would be believed: say so loudly.
+                log::error!("mqtt: loading the devices' counter floors: {e}; replays from before the restart may be accepted once");
+                Vec::new()
+            }
+        };
+        let mut p = self.presence();
+        for d in devices {
+            if let Some(key) = key_of(&d.public_key) {
+                p.keys.insert(d.id, key);
+            }
+        }
+        p.floors.extend(floors);
+    }
+
+    /// The in-memory state; a panic while it was held (caught by the
+    /// supervisor) leaves maps that are each consistent, so it is used on.
+    fn presence(&self) -> MutexGuard<'_, Presence> {
+        self.presence.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The device's presence hint: `Some(false)` after its verified will,
+    /// `Some(true)` after another verified message, `None` if not heard of since start.
     pub fn online(&self, device: &str) -> Option<bool> {
-        self.presence.lock().ok().and_then(|p| p.online.get(device).copied())
+        self.presence().online.get(device).copied()
+    }
+
+    /// Whether the device's key is loaded (it is provisioned and not
+    /// decommissioned); for the rate limiter.
+    pub fn knows(&self, device: &str) -> bool {
+        self.presence().keys.contains_key(device)
+    }
+
+    /// Loads a newly provisioned (or re-provisioned) device's key, dropping
+    /// anything cached about an earlier device of the same id.
+    pub fn learn(&self, device: &str) {
+        self.forget(device);
+        let _ = self.key(device);
+    }
+
+    /// Drops everything cached about a device (decommissioned): its key,
+    /// counters, floor and presence. Its messages are rejected from then
+    /// on, as from any unknown device.
+    pub fn forget(&self, device: &str) {
+        let mut p = self.presence();
+        p.keys.remove(device);
+        p.counters.retain(|(d, _), _| d != device);
+        p.floors.remove(device);
+        p.high_water.remove(device);
+        p.online.remove(device);
+        p.seen_written.remove(device);
+        p.resent.remove(device);
     }
 
     fn key(&self, device: &str) -> Option<PublicKey> {
-        if let Some(k) = self.presence.lock().ok().and_then(|p| p.keys.get(device).cloned()) {
+        if let Some(k) = self.presence().keys.get(device).cloned() {
             return Some(k);
         }
         let record = self.registry.device(device).ok()??;
-        let bytes: [u8; 32] = record.public_key.as_slice().try_into().ok()?;
-        let key = PublicKey::from_bytes(&bytes).ok()?;
-        if let Ok(mut p) = self.presence.lock() {
-            p.keys.insert(device.to_string(), key.clone());
+        if record.decommissioned_at.is_some() {
+            return None;
         }
+        let key = key_of(&record.public_key)?;
+        self.presence().keys.insert(device.to_string(), key.clone());
         Some(key)
     }
 
     fn mark_online(&self, device: &str, online: bool) {
-        if let Ok(mut p) = self.presence.lock() {
-            p.online.insert(device.to_string(), online);
+        self.presence().online.insert(device.to_string(), online);
+    }
+
+    /// Records an accepted counter for the next flush.
+    fn accepted(&self, device: &str, counter: u64) {
+        let mut p = self.presence();
+        let hw = p.high_water.entry(device.to_string()).or_insert(0);
+        *hw = (*hw).max(counter);
+    }
+
+    /// Writes the high-water marks accepted since the last flush to the
+    /// registry, in one transaction; returns how many devices. On failure
+    /// they are kept for the next flush.
+    pub fn flush_counters(&self) -> usize {
+        let batch: Vec<(String, u64)> = std::mem::take(&mut self.presence().high_water).into_iter().collect();
+        match self.registry.raise_counter_floors(&batch) {
+            Ok(n) => n,
+            Err(e) => {
+                log::warn!("registry: writing {} counter floors: {e}; retrying at the next flush", batch.len());
+                let mut p = self.presence();
+                for (d, c) in batch {
+                    let hw = p.high_water.entry(d).or_insert(0);
+                    *hw = (*hw).max(c);
+                }
+                0
+            }
         }
+    }
+
+    /// The last accepted counter `msg` must be above: the kind's own, and
+    /// (`floored`) the device's floor from before the restart.
+    fn last_counter(&self, device: &str, kind: &'static str, floored: bool) -> Option<u64> {
+        let p = self.presence();
+        let own = p.counters.get(&(device.to_string(), kind)).copied();
+        let floor = if floored { p.floors.get(device).copied() } else { None };
+        own.max(floor)
     }
 
     /// Opens a signed message with the in-memory counter of its kind.
     fn open_counted<T: DeviceMessage>(&self, device: &str, payload: &[u8]) -> Result<T, String> {
         let msg = DeviceSigned::<T>::from_bytes(payload, &self.limits).map_err(|e| e.to_string())?;
-        let key = self.key(device).ok_or_else(|| format!("unknown device {device}"))?;
-        let last = self.presence.lock().ok().and_then(|p| p.counters.get(&(device.to_string(), T::KIND)).copied());
+        self.open_envelope(device, &msg, true)
+    }
+
+    /// Verifies an envelope against the device's key and the counters
+    /// (`floored`: module docs), and records its counter.
+    fn open_envelope<T: DeviceMessage>(&self, device: &str, msg: &DeviceSigned<T>, floored: bool) -> Result<T, String> {
+        let key = self.key(device).ok_or_else(|| format!("unknown or decommissioned device {device}"))?;
+        let last = self.last_counter(device, T::KIND, floored);
         let value = msg.open(device, &key, last, &self.limits).map_err(|e| e.to_string())?;
-        if let Ok(mut p) = self.presence.lock() {
-            let slot = p.counters.entry((device.to_string(), T::KIND)).or_insert(0);
-            if msg.counter() <= *slot {
+        {
+            let mut p = self.presence();
+            let slot = (device.to_string(), T::KIND);
+            if let Some(newer) = p.counters.get(&slot).copied().filter(|c| msg.counter() <= *c) {
                 // Another worker accepted a newer one meanwhile.
-                return Err(format!("{} counter {} is not above {}", T::KIND, msg.counter(), slot));
+                return Err(format!("{} counter {} is not above {newer}", T::KIND, msg.counter()));
             }
-            *slot = msg.counter();
+            p.counters.insert(slot, msg.counter());
         }
+        self.accepted(device, msg.counter());
         Ok(value)
     }
 
     fn refresh_seen(&self, device: &str) {
         let now = outpost_runtime::bundle::unix_now() as i64;
-        let due = self
-            .presence
-            .lock()
-            .map(|mut p| {
-                let last = p.seen_written.get(device).copied().unwrap_or(0);
-                if now - last >= SEEN_EVERY_SECS {
-                    p.seen_written.insert(device.to_string(), now);
-                    true
-                } else {
-                    false
-                }
-            })
-            .unwrap_or(false);
+        let due = {
+            let mut p = self.presence();
+            let last = p.seen_written.get(device).copied().unwrap_or(0);
+            if now - last >= SEEN_EVERY_SECS {
+                p.seen_written.insert(device.to_string(), now);
+                true
+            } else {
+                false
+            }
+        };
         if due {
             if let Err(e) = self.registry.touch_device(device, now) {
                 log::warn!("registry: last_seen of {device}: {e}");
@@ -223,7 +378,10 @@ impl Inbox {
             return None;
         };
         let (label, result): (&str, Result<Outgoing, String>) = match kind {
-            Kind::State => ("state", self.state(device, payload).map(|()| None)),
+            Kind::State => {
+                let (label, result) = self.state_topic(device, payload);
+                (label, result.map(|()| None))
+            }
             Kind::Telemetry => (
                 "telemetry",
                 self.open_counted::<Telemetry>(device, payload).map(|t| {
@@ -265,19 +423,35 @@ impl Inbox {
         }
     }
 
-    fn state(&self, device: &str, payload: &[u8]) -> Result<(), String> {
-        let msg = match parse_state_payload(payload, &self.limits).map_err(|e| e.to_string())? {
-            StatePayload::Signed(m) => m,
-            StatePayload::Offline => {
-                self.mark_online(device, false);
-                return Ok(());
+    /// A message on a `state` topic: a signed state or a signed will (its
+    /// metric label, and the verdict). Nothing unsigned is believed.
+    fn state_topic(&self, device: &str, payload: &[u8]) -> (&'static str, Result<(), String>) {
+        match parse_state_payload(payload, &self.limits) {
+            Ok(StatePayload::Signed(m)) => ("state", self.state(device, &m)),
+            Ok(StatePayload::Will(w)) => {
+                // Its own counter kind, no floor (module docs).
+                let result = self.open_envelope(device, &w, false).map(|_| {
+                    self.mark_online(device, false);
+                    log::info!("mqtt: {device} is offline (its signed will)");
+                });
+                ("will", result)
             }
-            StatePayload::Cleared => return Ok(()),
-        };
-        let key = self.key(device).ok_or_else(|| format!("unknown device {device}"))?;
+            // An empty retained message: it says nothing about the device.
+            Ok(StatePayload::Cleared) => ("state", Ok(())),
+            Err(e) => ("state", Err(e.to_string())),
+        }
+    }
+
+    fn state(&self, device: &str, msg: &DeviceSigned<DeviceState>) -> Result<(), String> {
+        let key = self.key(device).ok_or_else(|| format!("unknown or decommissioned device {device}"))?;
         let record = self.registry.device(device).map_err(|e| e.to_string())?.ok_or("unknown device")?;
-        // No status yet = no state ever accepted: any counter is fresh.
-        let last = record.status.as_ref().map(|_| record.last_counter);
+        if record.decommissioned_at.is_some() {
+            return Err(format!("device {device} is decommissioned"));
+        }
+        // No status yet = no state ever accepted: any counter is fresh. The
+        // floor covers what other kinds accepted before a restart.
+        let stored = record.status.as_ref().map(|_| record.last_counter);
+        let last = stored.max(self.last_counter(device, DeviceState::KIND, true));
         let state = msg.open(device, &key, last, &self.limits).map_err(|e| e.to_string())?;
         let applied = self
             .registry
@@ -296,9 +470,50 @@ impl Inbox {
         if !applied {
             return Err(format!("state counter {} is not above the stored one", msg.counter()));
         }
+        self.presence().counters.insert((device.to_string(), DeviceState::KIND), msg.counter());
+        self.accepted(device, msg.counter());
         self.mark_online(device, true);
+        self.catch_up(device, state.directive_sequence);
         Ok(())
     }
+
+    /// Re-sends the device's recorded directive (retained) when its verified
+    /// state says it is behind it: it refused a forged one put on its topic,
+    /// or was away when it went out. At most once per [`RESEND_EVERY`].
+    fn catch_up(&self, device: &str, reported: u64) {
+        let record = match self.registry.directive(device) {
+            Ok(Some(d)) if d.sequence > reported => d,
+            Ok(_) => return,
+            Err(e) => {
+                log::warn!("registry: the directive of {device}: {e}");
+                return;
+            }
+        };
+        let now = Instant::now();
+        if self.presence().resent.get(device).is_some_and(|t| now.saturating_duration_since(*t) < RESEND_EVERY) {
+            return;
+        }
+        let Some(client) = self.mqtt.get() else { return };
+        // Never blocks a worker: a full request queue leaves it for the
+        // device's next state.
+        match client.try_publish(topics::desired(device), QoS::AtLeastOnce, true, record.signed) {
+            Ok(()) => {
+                self.presence().resent.insert(device.to_string(), now);
+                self.metrics.directives_resent.inc();
+                log::info!(
+                    "mqtt: {device} reports directive {reported}, behind {}: sent it again",
+                    record.sequence
+                );
+            }
+            Err(e) => log::warn!("mqtt: re-sending the directive of {device}: {e}"),
+        }
+    }
+}
+
+/// A device's stored public key, if it is one (a decommissioned device's is empty).
+fn key_of(bytes: &[u8]) -> Option<PublicKey> {
+    let bytes: [u8; 32] = bytes.try_into().ok()?;
+    PublicKey::from_bytes(&bytes).ok()
 }
 
 /// The worker that handles `device`'s messages (FNV-1a of the id).
@@ -354,10 +569,17 @@ pub struct FleetLink {
     pub connected: Arc<AtomicBool>,
 }
 
-/// Connects to the broker and starts the event loop and workers.
+/// Connects to the broker and starts the event loop, the workers, the
+/// chunk sender and the counter flusher, each watched by `supervisor` and
+/// each catching a panic per message (module docs of [`crate::supervisor`]).
 /// `on_connect` runs on its own thread after every (re)connection (the
 /// fleet republishes retained directives there).
-pub fn start(opts: LinkOptions, inbox: Arc<Inbox>, on_connect: Arc<dyn Fn(&Client) + Send + Sync>) -> FleetLink {
+pub fn start(
+    opts: LinkOptions,
+    inbox: Arc<Inbox>,
+    on_connect: Arc<dyn Fn(&Client) + Send + Sync>,
+    supervisor: Arc<Supervisor>,
+) -> FleetLink {
     let mut mqtt = MqttOptions::new(opts.client_id.clone(), opts.host.clone(), opts.port);
     mqtt.set_keep_alive(Duration::from_secs(30));
     let max = Limits::default().max_packet_bytes();
@@ -368,6 +590,7 @@ pub fn start(opts: LinkOptions, inbox: Arc<Inbox>, on_connect: Arc<dyn Fn(&Clien
         mqtt.set_credentials(u.clone(), p.clone());
     }
     let (client, mut connection) = Client::new(mqtt, 10_000);
+    let _ = inbox.mqtt.set(client.clone());
     let connected = Arc::new(AtomicBool::new(false));
 
     // Chunk replies: workers -> bounded queue -> one sender (module docs).
@@ -376,13 +599,16 @@ pub fn start(opts: LinkOptions, inbox: Arc<Inbox>, on_connect: Arc<dyn Fn(&Clien
     {
         let client = client.clone();
         let unwritten = unwritten.clone();
-        let spawned = std::thread::Builder::new().name("mqtt-chunks".into()).spawn(move || {
+        let sup = supervisor.clone();
+        let spawned = supervisor.spawn("mqtt-chunks", move || {
             while let Ok((topic, bytes)) = chunk_rx.recv() {
-                unwritten.wait_for_room();
-                if let Err(e) = client.publish(topic.clone(), QoS::AtMostOnce, false, bytes) {
-                    unwritten.written();
-                    log::warn!("mqtt: sending a chunk on {topic}: {e}");
-                }
+                sup.guard("the chunk sender", || {
+                    unwritten.wait_for_room();
+                    if let Err(e) = client.publish(topic.clone(), QoS::AtMostOnce, false, bytes) {
+                        unwritten.written();
+                        log::warn!("mqtt: sending a chunk on {topic}: {e}");
+                    }
+                });
             }
         });
         if let Err(e) = spawned {
@@ -401,14 +627,21 @@ pub fn start(opts: LinkOptions, inbox: Arc<Inbox>, on_connect: Arc<dyn Fn(&Clien
         txs.push(tx);
         let inbox = inbox.clone();
         let chunk_tx = chunk_tx.clone();
-        let spawned = std::thread::Builder::new().name(format!("mqtt-worker-{i}")).spawn(move || loop {
+        let sup = supervisor.clone();
+        let spawned = supervisor.spawn(&format!("mqtt-worker-{i}"), move || loop {
             let Ok(Inbound { topic, payload, chunk_request, arrived }) = rx.recv() else { return };
             if chunk_request && arrived.elapsed() > STALE_CHUNK_REQUEST {
                 inbox.metrics.chunk_refused("stale");
                 continue;
             }
+            // A panic on one message (a bug a crafted message reaches) costs
+            // that message, not the worker.
+            let Some(reply) = sup.guard("an MQTT worker", || inbox.handle(&topic, &payload)) else {
+                inbox.metrics.mqtt_result("other", "panic");
+                continue;
+            };
             // Only chunk requests are answered.
-            if let Some(reply) = inbox.handle(&topic, &payload) {
+            if let Some(reply) = reply {
                 match chunk_tx.try_send(reply) {
                     Ok(()) => {}
                     Err(TrySendError::Full(_)) => inbox.metrics.chunk_refused("busy"),
@@ -422,14 +655,30 @@ pub fn start(opts: LinkOptions, inbox: Arc<Inbox>, on_connect: Arc<dyn Fn(&Clien
     }
     drop(chunk_tx);
 
+    // Counter high-water marks to the registry in batches (module docs).
+    {
+        let inbox = inbox.clone();
+        let sup = supervisor.clone();
+        let spawned = supervisor.spawn("mqtt-counters", move || loop {
+            std::thread::sleep(FLUSH_EVERY);
+            sup.guard("the counter flusher", || inbox.flush_counters());
+        });
+        if let Err(e) = spawned {
+            log::error!("mqtt: starting the counter flusher: {e}");
+        }
+    }
+
     let flag = connected.clone();
     let loop_client = client.clone();
     let metrics = inbox.metrics.clone();
-    let spawned = std::thread::Builder::new().name("mqtt-link".into()).spawn(move || {
+    let sup = supervisor.clone();
+    let rates = opts.rates;
+    let spawned = supervisor.spawn("mqtt-link", move || {
         let filters: Vec<String> =
             [Kind::State, Kind::Telemetry, Kind::Sketch, Kind::ChunkRequest].into_iter().map(topics::all).collect();
+        let mut limiter = Limiter::new(rates);
         for event in connection.iter() {
-            match event {
+            let go_on = sup.guard("the MQTT event loop", || match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     log::info!("mqtt: connected to {}:{}", opts.host, opts.port);
                     for f in &filters {
@@ -442,10 +691,21 @@ pub fn start(opts: LinkOptions, inbox: Arc<Inbox>, on_connect: Arc<dyn Fn(&Clien
                     let hook = on_connect.clone();
                     // Off the event loop: publishing blocks when the request
                     // queue is full, and only this loop drains it.
-                    let _ = std::thread::Builder::new().name("mqtt-on-connect".into()).spawn(move || hook(&c));
+                    let _ = std::thread::Builder::new().name("mqtt-on-connect".into()).spawn(move || {
+                        crate::supervisor::guarded("the on-connect hook", || hook(&c));
+                    });
+                    true
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let parsed = topics::parse(&p.topic);
+                    // Per-device limits before anything is queued (module
+                    // docs); a will shares its device's state bucket.
+                    if let Some((device, kind)) = parsed {
+                        if !limiter.admit(device, kind, Instant::now(), |d| inbox.knows(d)) {
+                            metrics.mqtt_result(kind_label(kind), "rate_limited");
+                            return true;
+                        }
+                    }
                     let worker = parsed.map(|(id, _)| shard(id, WORKERS)).unwrap_or(0);
                     // A state is published once per change, and a lost chunk
                     // request costs the device its chunk timeout: those wait
@@ -465,23 +725,30 @@ pub fn start(opts: LinkOptions, inbox: Arc<Inbox>, on_connect: Arc<dyn Fn(&Clien
                     };
                     loop {
                         match txs[worker].try_send(item) {
-                            Ok(()) => break,
+                            Ok(()) => return true,
                             Err(TrySendError::Full(back)) if started.elapsed() < patience => {
                                 item = back;
                                 std::thread::sleep(Duration::from_millis(1));
                             }
                             Err(TrySendError::Full(_)) => {
-                                metrics.mqtt("dropped", false);
-                                break;
+                                metrics.mqtt_result(parsed.map(|(_, k)| kind_label(k)).unwrap_or("other"), "dropped");
+                                return true;
                             }
-                            Err(TrySendError::Disconnected(_)) => return,
+                            // The worker is gone (its thread died: /ready says so).
+                            Err(TrySendError::Disconnected(_)) => {
+                                metrics.mqtt_result(parsed.map(|(_, k)| kind_label(k)).unwrap_or("other"), "dropped");
+                                return true;
+                            }
                         }
                     }
                 }
                 // A QoS 0 publish (packet id 0) is a chunk reply leaving
                 // the client (module docs).
-                Ok(Event::Outgoing(SentPacket::Publish(0))) => unwritten.written(),
-                Ok(_) => {}
+                Ok(Event::Outgoing(SentPacket::Publish(0))) => {
+                    unwritten.written();
+                    true
+                }
+                Ok(_) => true,
                 Err(e) => {
                     // Replies still queued in the client go out after the
                     // reconnection and count down then; ones lost with the
@@ -493,7 +760,11 @@ pub fn start(opts: LinkOptions, inbox: Arc<Inbox>, on_connect: Arc<dyn Fn(&Clien
                         log::debug!("mqtt: connecting to {}:{}: {e}", opts.host, opts.port);
                     }
                     std::thread::sleep(Duration::from_millis(500));
+                    true
                 }
+            });
+            if go_on == Some(false) {
+                return;
             }
         }
     });
@@ -501,6 +772,17 @@ pub fn start(opts: LinkOptions, inbox: Arc<Inbox>, on_connect: Arc<dyn Fn(&Clien
         log::error!("mqtt: starting the event loop: {e}");
     }
     FleetLink { client, connected }
+}
+
+/// The metric label of a topic kind.
+fn kind_label(kind: Kind) -> &'static str {
+    match kind {
+        Kind::State => "state",
+        Kind::Telemetry => "telemetry",
+        Kind::Sketch => "sketch",
+        Kind::ChunkRequest => "chunk_request",
+        Kind::Desired | Kind::ChunkData => "other",
+    }
 }
 
 #[cfg(test)]

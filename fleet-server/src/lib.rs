@@ -16,7 +16,8 @@
 //! - [`drift_cmd`]: `outpost-fleet drift`.
 //! - [`fleet_view`]: the drift view, device list and summary from observations;
 //!   [`fleet_feed`]: the summary and alerts on MQTT for dashboards.
-//! - [`fleet_link`]: the fleet's MQTT client — verifying device messages.
+//! - [`fleet_link`]: the fleet's MQTT client — verifying device messages;
+//!   [`rate_limit`]: per-device limits on what devices publish.
 //! - [`artifacts`]: serving bundle chunks over MQTT.
 //! - [`directives`]: signed deployment directives (`deploy`).
 //! - [`manifests`]: reference sketches of published versions, from their manifests.
@@ -27,7 +28,8 @@
 //!   remote rollback (the state machine is [`rollout::machine`]).
 //! - [`dashboard`]: the web page served at `/`.
 //! - [`api`]: the HTTP API; [`client`]: the CLI's HTTP client.
-//! - [`server`]: `serve`, wiring it all; [`cli`]: the operator subcommands.
+//! - [`server`]: `serve`, wiring it all; [`cli`]: the operator subcommands;
+//!   [`supervisor`]: panics caught per unit of work, dead threads named by `/ready`.
 //! - [`simulate`]: `simulate --devices N`, a fleet of simulated devices
 //!   (the agent's protocol code, one MQTT connection each) for benchmarks.
 
@@ -53,7 +55,9 @@ pub mod metrics;
 pub mod observations;
 pub mod provisioning;
 pub mod publish;
+pub mod rate_limit;
 pub mod registry;
 pub mod rollout;
 pub mod server;
 pub mod simulate;
+pub mod supervisor;

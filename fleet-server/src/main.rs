@@ -23,6 +23,8 @@ enum Command {
     Provision(cli::ProvisionArgs),
     /// List the fleet's devices.
     Devices(cli::ListArgs),
+    /// Take a device out of the fleet: revoke its credential and key, clear its directive.
+    Decommission(cli::DecommissionArgs),
     /// List published model versions.
     Models(cli::ListArgs),
     /// Upload a model; the server gates it on accuracy, signs and stores it.
@@ -76,6 +78,7 @@ fn main() {
         }
         Command::Provision(args) => cli::provision(&args),
         Command::Devices(args) => cli::devices(&args),
+        Command::Decommission(args) => cli::decommission(&args),
         Command::Models(args) => cli::models(&args),
         Command::Publish(args) => cli::publish(&args),
         Command::Deploy(args) => cli::deploy(&args),

@@ -4,11 +4,13 @@
 //! |---|---|---|
 //! | `outpost_fleet_devices` | gauge | `status`, `model`, `version` — devices by what they last reported (`unknown` before the first report) |
 //! | `outpost_fleet_publishes_total` | counter | `result` = `ok`, `refused`, `error` |
-//! | `outpost_fleet_mqtt_messages_total` | counter | `kind` (state, telemetry, sketch, chunk_request, other), `result` = `accepted`, `rejected` |
+//! | `outpost_fleet_mqtt_messages_total` | counter | `kind` (state, telemetry, sketch, chunk_request, will, other), `result` = `accepted`, `rejected` (unsigned, forged, replayed, from an unknown or decommissioned device), `rate_limited` (over the device's limit, see [`crate::rate_limit`]), `dropped` (worker queues full) |
 //! | `outpost_fleet_chunks_served_total` | counter | — |
 //! | `outpost_fleet_chunk_bytes_total` | counter | — |
 //! | `outpost_fleet_chunk_requests_refused_total` | counter | `reason` = `rate`, `size`, `unknown_bundle`, `bad_request` |
 //! | `outpost_fleet_directives_total` | counter | — signed directives published |
+//! | `outpost_fleet_directives_resent_total` | counter | — recorded directives sent again to a device whose state reported an older one |
+//! | `outpost_fleet_panics_total` | counter | — panics caught in a request, a message or a tick (the thread went on; see [`crate::supervisor`]) |
 //! | `outpost_fleet_api_requests_total` | counter | `code` — HTTP status of operator API answers |
 //! | `outpost_fleet_observations_total` | counter | `kind` = `telemetry`, `sketch` — verified device messages recorded for gates, canary analysis and the drift view |
 //! | `outpost_fleet_drifting_devices` | gauge | — devices whose latest telemetry says their inputs drifted |
@@ -38,6 +40,8 @@ pub struct Metrics {
     pub chunk_bytes: Counter,
     pub chunk_refused: Family<Labels, Counter>,
     pub directives: Counter,
+    pub directives_resent: Counter,
+    pub panics: Counter,
     pub api_requests: Family<Labels, Counter>,
     pub observations: Family<Labels, Counter>,
     pub drifting_devices: Gauge,
@@ -63,6 +67,8 @@ impl Metrics {
         let chunk_bytes = Counter::default();
         let chunk_refused = Family::<Labels, Counter>::default();
         let directives = Counter::default();
+        let directives_resent = Counter::default();
+        let panics = Counter::default();
         let api_requests = Family::<Labels, Counter>::default();
         let observations = Family::<Labels, Counter>::default();
         let drifting_devices = Gauge::default();
@@ -76,6 +82,8 @@ impl Metrics {
         prom.register("chunk_bytes", "Artifact bytes sent to devices", chunk_bytes.clone());
         prom.register("chunk_requests_refused", "Chunk requests refused, by reason", chunk_refused.clone());
         prom.register("directives", "Signed deployment directives published", directives.clone());
+        prom.register("directives_resent", "Recorded directives sent again to a device behind them", directives_resent.clone());
+        prom.register("panics", "Panics caught in a request, a message or a tick", panics.clone());
         prom.register("api_requests", "Operator API answers by HTTP status", api_requests.clone());
         prom.register("observations", "Verified device telemetry and sketches recorded, by kind", observations.clone());
         prom.register("drifting_devices", "Devices whose latest telemetry says their inputs drifted", drifting_devices.clone());
@@ -91,6 +99,8 @@ impl Metrics {
             chunk_bytes,
             chunk_refused,
             directives,
+            directives_resent,
+            panics,
             api_requests,
             observations,
             drifting_devices,
@@ -105,7 +115,11 @@ impl Metrics {
     }
 
     pub fn mqtt(&self, kind: &str, accepted: bool) {
-        let result = if accepted { "accepted" } else { "rejected" };
+        self.mqtt_result(kind, if accepted { "accepted" } else { "rejected" });
+    }
+
+    /// A device message of `kind` and what became of it (module docs).
+    pub fn mqtt_result(&self, kind: &str, result: &str) {
         self.mqtt_messages.get_or_create(&vec![("kind", kind.to_string()), ("result", result.to_string())]).inc();
     }
 

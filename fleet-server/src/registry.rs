@@ -91,6 +91,15 @@ const MIGRATIONS: &[&str] = &[
          record TEXT NOT NULL
      );
      CREATE INDEX rollouts_model_state ON rollouts (model, state);",
+    // 4: device lifecycle and replay defence across restarts.
+    // `counter_floor`: the highest counter the fleet accepted from the
+    // device in any kind of message, written in batches by the MQTT link
+    // (see `fleet_link`), the floor for every kind after a restart.
+    // `decommissioned_at`: set by `decommission`, which also empties the
+    // credential and the public key, so neither can be used again; a new
+    // `provision` of the id replaces the row with new ones.
+    "ALTER TABLE devices ADD COLUMN counter_floor INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE devices ADD COLUMN decommissioned_at INTEGER;",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -182,6 +191,8 @@ pub struct DeviceRecord {
     pub directive_sequence: u64,
     /// Whether the version it serves passed probation.
     pub committed: bool,
+    /// When it was decommissioned (its credential and key are gone), if it was.
+    pub decommissioned_at: Option<i64>,
 }
 
 /// One line of the audit log.
@@ -270,8 +281,12 @@ impl Registry {
         Ok(registry)
     }
 
+    /// The connection. A panic while a thread held it (caught by the
+    /// supervisor) does not end the registry: a transaction open at the
+    /// panic was rolled back when it was dropped during unwinding, and every
+    /// other statement is atomic, so the connection is consistent.
     fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>, RegistryError> {
-        self.conn.lock().map_err(|_| RegistryError::Poisoned)
+        Ok(self.conn.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn migrate(&self) -> Result<(), RegistryError> {
@@ -417,10 +432,84 @@ impl Registry {
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![id, tags_json, salt.to_vec(), hash, public_key, now()],
         )?;
-        if inserted == 0 {
+        if inserted == 1 {
+            return Ok(());
+        }
+        // A decommissioned id is provisioned afresh: new credential and key,
+        // and nothing the old device reported. Its counters start over — the
+        // new key signs from the new agent's first counter, and nothing the
+        // old key signed is believed any more (a different key).
+        let renewed = conn.execute(
+            "UPDATE devices SET tags = ?2, credential_salt = ?3, credential_hash = ?4, public_key = ?5, created_at = ?6,
+                 last_seen = NULL, model = NULL, version = NULL, status = NULL, last_counter = 0, last_error = NULL,
+                 directive_sequence = 0, committed = 0, counter_floor = 0, decommissioned_at = NULL
+             WHERE id = ?1 AND decommissioned_at IS NOT NULL",
+            params![id, tags_json, salt.to_vec(), hash, public_key, now()],
+        )?;
+        if renewed == 0 {
             return Err(RegistryError::DeviceExists(id.to_string()));
         }
         Ok(())
+    }
+
+    /// Decommissions device `id`: its broker credential and public key are
+    /// emptied (no secret matches an empty hash, no signature verifies
+    /// against an empty key), its recorded directive is dropped (nothing is
+    /// republished to it) and it leaves the device list. `Ok(false)` if it
+    /// already was decommissioned.
+    pub fn decommission(&self, id: &str) -> Result<bool, RegistryError> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        let state: Option<Option<i64>> = tx
+            .query_row("SELECT decommissioned_at FROM devices WHERE id = ?1", params![id], |r| r.get(0))
+            .optional()?;
+        match state {
+            None => return Err(RegistryError::UnknownDevice(id.to_string())),
+            Some(Some(_)) => return Ok(false),
+            Some(None) => {}
+        }
+        tx.execute(
+            "UPDATE devices SET credential_salt = X'', credential_hash = X'', public_key = X'', decommissioned_at = ?2,
+                 status = 'decommissioned'
+             WHERE id = ?1",
+            params![id, now()],
+        )?;
+        tx.execute("DELETE FROM directives WHERE device = ?1", params![id])?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    /// Every device's replay floor: the highest counter accepted from it in
+    /// any message (`counter_floor`, and the state counter). Decommissioned
+    /// devices are left out.
+    pub fn counter_floors(&self) -> Result<Vec<(String, u64)>, RegistryError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare(
+            "SELECT id, MAX(counter_floor, last_counter) FROM devices WHERE decommissioned_at IS NULL ORDER BY id",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Raises the replay floors of devices in one transaction (a floor never
+    /// goes down). Returns how many devices were updated.
+    pub fn raise_counter_floors(&self, floors: &[(String, u64)]) -> Result<usize, RegistryError> {
+        if floors.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        let mut n = 0;
+        {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE devices SET counter_floor = MAX(counter_floor, ?2) WHERE id = ?1 AND decommissioned_at IS NULL",
+            )?;
+            for (id, floor) in floors {
+                n += stmt.execute(params![id, (*floor).min(i64::MAX as u64) as i64])?;
+            }
+        }
+        tx.commit()?;
+        Ok(n)
     }
 
     /// Whether `secret` is the broker credential of device `id`.
@@ -433,7 +522,7 @@ impl Registry {
             .conn()?
             .query_row(
                 "SELECT id, tags, public_key, created_at, last_seen, model, version, status, last_counter, last_error,
-                     directive_sequence, committed
+                     directive_sequence, committed, decommissioned_at
                  FROM devices WHERE id = ?1",
                 params![id],
                 device_from_row,
@@ -445,8 +534,8 @@ impl Registry {
         let conn = self.conn()?;
         let mut stmt = conn.prepare(
             "SELECT id, tags, public_key, created_at, last_seen, model, version, status, last_counter, last_error,
-                     directive_sequence, committed
-             FROM devices ORDER BY id",
+                     directive_sequence, committed, decommissioned_at
+             FROM devices WHERE decommissioned_at IS NULL ORDER BY id",
         )?;
         let rows = stmt.query_map([], device_from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -461,7 +550,7 @@ impl Registry {
         let changed = conn.execute(
             "UPDATE devices SET last_seen = ?2, model = ?3, version = ?4, status = ?5, last_counter = ?6,
                  last_error = ?7, directive_sequence = ?8, committed = ?9
-             WHERE id = ?1 AND (last_counter < ?6 OR status IS NULL)",
+             WHERE id = ?1 AND (last_counter < ?6 OR status IS NULL) AND decommissioned_at IS NULL",
             params![
                 u.device,
                 u.seen_at,
@@ -491,7 +580,7 @@ impl Registry {
         Ok(self
             .conn()?
             .query_row(
-                "SELECT credential_salt, credential_hash FROM devices WHERE id = ?1",
+                "SELECT credential_salt, credential_hash FROM devices WHERE id = ?1 AND decommissioned_at IS NULL",
                 params![id],
                 |r| Ok(StoredCredential { salt: r.get(0)?, hash: r.get(1)? }),
             )
@@ -512,7 +601,7 @@ impl Registry {
         let conn = self.conn()?;
         let mut stmt = conn.prepare(
             "SELECT COALESCE(status, 'unknown'), COALESCE(model, ''), COALESCE(version, ''), COUNT(*)
-             FROM devices GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+             FROM devices WHERE decommissioned_at IS NULL GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
         )?;
         let rows = stmt.query_map([], |r| {
             Ok(DeviceCount { status: r.get(0)?, model: r.get(1)?, version: r.get(2)?, count: r.get::<_, i64>(3)? as u64 })
@@ -638,6 +727,7 @@ fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRecord> {
         last_error: r.get(9)?,
         directive_sequence: r.get::<_, i64>(10)? as u64,
         committed: r.get(11)?,
+        decommissioned_at: r.get(12)?,
     })
 }
 

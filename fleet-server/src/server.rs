@@ -29,6 +29,7 @@ use crate::keys;
 use crate::metrics::Metrics;
 use crate::publish::Publisher;
 use crate::registry::Registry;
+use crate::supervisor::Supervisor;
 
 /// Everything the API handlers need.
 pub struct Fleet {
@@ -45,11 +46,20 @@ pub struct Fleet {
     pub observations: Arc<crate::observations::Observations>,
     /// Staged rollouts and remote rollback (driven by their own thread).
     pub rollouts: crate::rollout::Rollouts,
+    /// The long-lived threads, watched (see [`crate::supervisor`]).
+    pub supervisor: Arc<Supervisor>,
+    /// Who may connect to the embedded broker (`None` with an external one);
+    /// decommissioning drops a device's cached credential there.
+    pub broker_auth: Option<Arc<crate::broker::Authenticator>>,
 }
 
 impl Fleet {
     /// Why the fleet is not ready, or `None` when it is.
     pub fn not_ready_reason(&self) -> Option<String> {
+        let dead = self.supervisor.dead();
+        if !dead.is_empty() {
+            return Some(format!("thread(s) stopped: {}", dead.join(", ")));
+        }
         if !self.link.connected.load(Ordering::SeqCst) {
             return Some("not connected to the MQTT broker".into());
         }
@@ -91,8 +101,9 @@ pub fn start(config: FleetConfig) -> anyhow::Result<Running> {
     let store = BundleStore::open(&config.bundles_dir()).context("data_dir")?;
     clear_dir(&config.uploads_dir());
     let metrics = Arc::new(Metrics::new());
+    let supervisor = Arc::new(Supervisor::with_counter(metrics.panics.clone()));
 
-    let (link_options, broker_addr) = match &config.broker {
+    let (link_options, broker_addr, broker_auth) = match &config.broker {
         BrokerMode::Embedded { listen, tls, dashboard_password } => {
             let filters = [
                 outpost_runtime::protocol::topics::Kind::State,
@@ -120,7 +131,7 @@ pub fn start(config: FleetConfig) -> anyhow::Result<Running> {
             o.username = Some(b.fleet.username.clone());
             o.password = Some(b.fleet.password.clone());
             log::info!("embedded MQTT broker listening on {listen}{}", if tls.is_some() { " (TLS)" } else { "" });
-            (o, Some(b.listen))
+            (o, Some(b.listen), Some(b.auth.clone()))
         }
         BrokerMode::External { url, username, password } => {
             let mut o = LinkOptions::new(&url.host, url.port);
@@ -130,10 +141,16 @@ pub fn start(config: FleetConfig) -> anyhow::Result<Running> {
                 o.client_id = u.clone();
             }
             log::info!("using the external MQTT broker at {url}");
-            (o, None)
+            (o, None, None)
         }
     };
 
+    let mut link_options = link_options;
+    // The link's chunk-request limit stops floods before signature checks;
+    // never below twice what the artifact server grants a device after them.
+    let chunks = &mut link_options.rates.chunk_request;
+    chunks.per_second = chunks.per_second.max(2.0 * f64::from(config.artifacts.requests_per_second));
+    chunks.burst = chunks.burst.max(2.0 * f64::from(config.artifacts.burst));
     let artifacts = Arc::new(Artifacts::new(store.clone(), registry.clone(), config.artifacts.clone(), metrics.clone()));
     let observations = Arc::new(crate::observations::Observations::new());
     let inbox = Arc::new(Inbox::new(registry.clone(), artifacts, metrics.clone(), observations.clone()));
@@ -155,12 +172,25 @@ pub fn start(config: FleetConfig) -> anyhow::Result<Running> {
             std::thread::sleep(std::time::Duration::from_millis(25));
         }
     });
-    let link = fleet_link::start(link_options, inbox.clone(), on_connect);
+    let link = fleet_link::start(link_options, inbox.clone(), on_connect, supervisor.clone());
     let directives = Directives::new(registry.clone(), signer, link.client.clone(), metrics.clone());
     let publisher = Publisher::new(registry.clone(), store, config.keys_dir.clone(), config.uploads_dir());
     let rollouts = crate::rollout::Rollouts::new(registry.clone());
     let fleet =
-        Arc::new(Fleet { config, registry, publisher, directives, metrics, inbox, root, link, observations, rollouts });
+        Arc::new(Fleet {
+            config,
+            registry,
+            publisher,
+            directives,
+            metrics,
+            inbox,
+            root,
+            link,
+            observations,
+            rollouts,
+            supervisor,
+            broker_auth,
+        });
     let _ = slot.set(fleet.clone());
     crate::fleet_feed::start(&fleet);
     // Live rollouts resume from their persisted records (same stage, same

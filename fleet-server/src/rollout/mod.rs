@@ -201,7 +201,9 @@ impl Rollouts {
     }
 
     fn guard(&self) -> Result<std::sync::MutexGuard<'_, ()>, RolloutError> {
-        self.lock.lock().map_err(|_| RolloutError::Poisoned)
+        // The lock only serializes steps (the records are in the registry);
+        // a tick that panicked holding it leaves nothing half-done to fear.
+        Ok(self.lock.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Starts a rollout: plans its cohorts, stores it, sends stage 1.
@@ -358,9 +360,13 @@ impl Rollouts {
     }
 
     /// Starts the driver thread.
+    /// A panic in a tick is caught and the next tick runs (the rollout
+    /// records are in the registry, not in the thread); a driver thread that
+    /// dies anyway is named by `/ready`.
     pub fn spawn_driver(fleet: Arc<Fleet>) -> std::io::Result<()> {
-        std::thread::Builder::new().name("rollout-driver".into()).spawn(move || loop {
-            fleet.rollouts.tick(&fleet);
+        let supervisor = fleet.supervisor.clone();
+        supervisor.spawn("rollout-driver", move || loop {
+            fleet.supervisor.guard("a rollout tick", || fleet.rollouts.tick(&fleet));
             std::thread::sleep(TICK);
         })?;
         Ok(())

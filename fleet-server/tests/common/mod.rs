@@ -106,6 +106,38 @@ impl Fleet {
         self.spawn();
     }
 
+    /// The server process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Stops the server with SIGTERM (a clean stop), waits for it to exit
+    /// (at most 10 s), and starts it again. Returns the stopped server's log.
+    pub fn restart_cleanly(&mut self) -> String {
+        if let Some(mut c) = self.child.take() {
+            let status = Command::new("kill").args(["-TERM", &c.id().to_string()]).status().expect("kill");
+            assert!(status.success());
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while c.try_wait().expect("wait").is_none() {
+                assert!(Instant::now() < deadline, "no exit on SIGTERM: {}", self.log());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let log = self.log();
+        self.spawn();
+        log
+    }
+
+    /// The sum of the `/metrics` samples of `name` whose labels contain
+    /// every one of `labels` (e.g. `kind="state"`).
+    pub fn metric(&self, name: &str, labels: &[&str]) -> u64 {
+        let (_, text) = http_get(self.api_port, "/metrics").expect("metrics");
+        text.lines()
+            .filter(|l| l.starts_with(name) && labels.iter().all(|want| l.contains(want)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
     pub fn api(&self) -> ApiClient {
         ApiClient::new(&format!("http://127.0.0.1:{}", self.api_port), TOKEN).expect("client")
     }
