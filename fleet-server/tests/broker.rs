@@ -62,21 +62,38 @@ fn forged_messages_about_another_device_change_nothing() {
     let fleet = Fleet::start();
     let mallory = fleet.provision("mallory");
     let victim = fleet.provision("victim");
+    // The broker's ACL stops mallory on the victim's topic: her connection
+    // is closed (tests/broker_acl.rs has the whole table).
     let (client, mut conn) = mqtt(fleet.broker_port, "mallory", "mallory", &mallory.password);
     wait_connack(&mut conn).expect("mallory connects with her own credentials");
+    let bytes = DeviceSigned::sign("victim", 100, &state(Status::Failed), &mallory.key).expect("sign").to_bytes();
+    client.publish(topics::state("victim"), QoS::AtLeastOnce, false, bytes).expect("publish");
+    let closed = loop {
+        match conn.recv_timeout(Duration::from_secs(5)) {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => break false,
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => break true,
+            Err(_) => break false,
+        }
+    };
+    assert!(closed, "publishing on another device's topic closes the connection");
+    drop((client, conn));
 
-    // rumqttd has no topic ACLs: mallory can publish on victim's topic. The
-    // fleet must still refuse each of these.
+    // What she can send on her own topic, the fleet must still refuse.
+    let (client, mut conn) = mqtt(fleet.broker_port, "mallory", "mallory", &mallory.password);
+    wait_connack(&mut conn).expect("mallory connects again");
     let forgeries = [
         // signed by mallory's key, claiming to be the victim
         DeviceSigned::sign("victim", 100, &state(Status::Failed), &mallory.key).expect("sign").to_bytes(),
-        // signed by mallory as herself, on the victim's topic
-        DeviceSigned::sign("mallory", 100, &state(Status::Failed), &mallory.key).expect("sign").to_bytes(),
+        // claiming to be the victim, signed by an unknown key
+        DeviceSigned::sign("victim", 101, &state(Status::Failed), &outpost_runtime::bundle::SecretKey::from_seed([9; 32]))
+            .expect("sign")
+            .to_bytes(),
         // garbage
         b"{\"status\":\"failed\"}".to_vec(),
     ];
     for bytes in forgeries {
-        publish(&client, &mut conn, topics::state("victim"), bytes);
+        publish(&client, &mut conn, topics::state("mallory"), bytes);
     }
     assert!(eventually(|| rejected(&fleet) >= 3), "three rejections counted: {}", fleet.log());
     let v = device(&fleet, "victim");
@@ -90,7 +107,7 @@ fn forged_messages_about_another_device_change_nothing() {
     assert!(eventually(|| device(&fleet, "victim")["status"] == "serving"), "{}", fleet.log());
     // …and replaying it (by anyone) changes nothing.
     publish(&vclient, &mut vconn, topics::state("victim"), DeviceSigned::sign("victim", 4, &state(Status::Failed), &victim.key).expect("sign").to_bytes());
-    publish(&client, &mut conn, topics::state("victim"), genuine);
+    publish(&client, &mut conn, topics::state("mallory"), genuine);
     assert!(eventually(|| rejected(&fleet) >= 5));
     let v = device(&fleet, "victim");
     assert_eq!((v["status"].as_str(), v["last_counter"].as_u64()), (Some("serving"), Some(5)), "{v}");

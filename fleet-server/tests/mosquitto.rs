@@ -7,81 +7,12 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::mosquitto::Mosquitto;
 use common::*;
 use outpost_runtime::protocol::{topics, DeviceSigned, DeviceState, Status};
 use rumqttc::QoS;
-
-struct Mosquitto {
-    child: Child,
-    port: u16,
-    passwd: std::path::PathBuf,
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Mosquitto {
-    fn start(dir: &Path, fleet_password: &str) -> Option<Mosquitto> {
-        if Command::new("mosquitto").arg("-h").output().is_err() {
-            eprintln!("mosquitto is not installed; skipping");
-            return None;
-        }
-        let port = free_port();
-        let passwd = dir.join("passwd");
-        let acl = Path::new(env!("CARGO_MANIFEST_DIR")).join("mosquitto/acl");
-        std::fs::write(&passwd, "").expect("passwd");
-        let mut m = Mosquitto {
-            child: Command::new("true").spawn().expect("placeholder"),
-            port,
-            passwd: passwd.clone(),
-        };
-        m.add_user("outpost-fleet", fleet_password);
-        let conf = dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\nacl_file {}\npersistence false\nmax_packet_size 1200000\n",
-                passwd.display(),
-                acl.display()
-            ),
-        )
-        .expect("conf");
-        let _ = m.child.wait();
-        m.child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("mosquitto.log")).expect("log"))
-            .spawn()
-            .expect("mosquitto");
-        assert!(
-            eventually(|| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()),
-            "mosquitto did not start: {}",
-            std::fs::read_to_string(dir.join("mosquitto.log")).unwrap_or_default()
-        );
-        Some(m)
-    }
-
-    fn add_user(&mut self, user: &str, password: &str) {
-        let out = Command::new("mosquitto_passwd").arg("-b").arg(&self.passwd).args([user, password]).output().expect("mosquitto_passwd");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    }
-
-    /// Makes mosquitto re-read its password and ACL files.
-    fn reload(&self) {
-        let ok = Command::new("kill").args(["-HUP", &self.child.id().to_string()]).status().expect("kill");
-        assert!(ok.success());
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
 
 fn state(status: Status) -> DeviceState {
     let mut s = DeviceState::new(status);

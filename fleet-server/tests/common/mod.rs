@@ -2,6 +2,8 @@
 //! helpers to act as a device.
 #![allow(dead_code)]
 
+pub mod mosquitto;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
