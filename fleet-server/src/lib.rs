@@ -43,6 +43,7 @@ pub mod canary;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod contribution;
 pub mod dashboard;
 pub mod directives;
 pub mod drift_cmd;

@@ -56,6 +56,7 @@ use outpost_runtime::drift::{DeviceSketch, ReferenceSketch};
 use outpost_runtime::protocol::{DriftSummary, LatencySketch, SketchMessage, Status, Telemetry};
 
 use crate::canary;
+use crate::contribution::{self, Contribution};
 
 /// Windows older than this (server clock, when received) are forgotten.
 pub const RETENTION_MS: u64 = 60 * 60 * 1000;
@@ -141,10 +142,10 @@ impl Entry {
         self.start_ms = self.start_ms.min(later.start_ms);
         self.end_ms = self.end_ms.max(later.end_ms);
         self.received_ms = self.received_ms.max(later.received_ms);
-        self.telemetry_windows += later.telemetry_windows;
-        self.requests += later.requests;
-        self.input_errors += later.input_errors;
-        self.failures += later.failures;
+        self.telemetry_windows = self.telemetry_windows.saturating_add(later.telemetry_windows);
+        self.requests = self.requests.saturating_add(later.requests);
+        self.input_errors = self.input_errors.saturating_add(later.input_errors);
+        self.failures = self.failures.saturating_add(later.failures);
         self.telemetry_p99_ms = max_opt(self.telemetry_p99_ms, later.telemetry_p99_ms);
         self.drift_score = max_opt(self.drift_score, later.drift_score);
         if later.telemetry_windows > 0 {
@@ -376,10 +377,17 @@ impl Observations {
             if let Some((name, version)) = &model {
                 let series = series_mut(obs, name, version, now);
                 let e = series.entry(t.window_start_unix_ms, t.window_end_unix_ms, now);
-                e.telemetry_windows += 1;
-                e.requests += t.requests;
-                e.input_errors += t.input_errors;
-                e.failures += t.failures;
+                e.telemetry_windows = e.telemetry_windows.saturating_add(1);
+                // Saturating, then capped to what one device can serve in
+                // the entry's span (crate::contribution): the same window
+                // sent again, or a claim of u64::MAX, adds nothing past it.
+                let counts = (
+                    e.requests.saturating_add(t.requests),
+                    e.input_errors.saturating_add(t.input_errors),
+                    e.failures.saturating_add(t.failures),
+                );
+                (e.requests, e.input_errors, e.failures) =
+                    contribution::clamp_counts(counts, contribution::window_cap(e.start_ms, e.end_ms));
                 e.telemetry_p99_ms = max_opt(e.telemetry_p99_ms, t.latency_p99_ms.filter(|v| v.is_finite()));
                 e.drift_score = max_opt(e.drift_score, t.drift.as_ref().map(|d| d.score).filter(|v| v.is_finite()));
                 e.committed = t.committed;
@@ -450,6 +458,7 @@ impl Observations {
         let series = series_mut(obs, name, version, now);
         let e = series.entry(s.window_start_unix_ms, s.window_end_unix_ms, now);
         e.latency.merge(&s.latency);
+        contribution::clamp_sketch(&mut e.latency, contribution::window_cap(e.start_ms, e.end_ms));
         if let Some(d) = drift {
             let outputs = Outputs(DeviceSketch { reference: d.reference, features: Vec::new(), outputs: d.outputs.clone(), span: d.span });
             merge_outputs(&mut e.outputs, Some(&outputs));
@@ -699,14 +708,14 @@ fn window_of(series: &Series, since_unix_ms: u64) -> Option<DeviceWindow> {
     let mut latest_telemetry_end = 0;
     for e in series.entries.iter().filter(|e| e.end_ms >= since_unix_ms) {
         any = true;
-        w.requests += e.requests;
-        w.input_errors += e.input_errors;
-        w.failures += e.failures;
+        w.requests = w.requests.saturating_add(e.requests);
+        w.input_errors = w.input_errors.saturating_add(e.input_errors);
+        w.failures = w.failures.saturating_add(e.failures);
         w.latency.merge(&e.latency);
         w.latency_p99_ms = max_opt(w.latency_p99_ms, e.telemetry_p99_ms);
         w.drift_score = max_opt(w.drift_score, e.drift_score);
         w.last_report_unix_ms = w.last_report_unix_ms.max(e.received_ms);
-        w.windows += e.telemetry_windows;
+        w.windows = w.windows.saturating_add(e.telemetry_windows);
         if e.telemetry_windows > 0 && e.end_ms >= latest_telemetry_end {
             latest_telemetry_end = e.end_ms;
             w.committed = e.committed;
@@ -715,7 +724,9 @@ fn window_of(series: &Series, since_unix_ms: u64) -> Option<DeviceWindow> {
     any.then_some(w)
 }
 
-/// One side of a canary comparison, summed.
+/// One side of a canary comparison: its devices' numbers pooled with
+/// capped weights ([`crate::contribution`]), so one device cannot decide
+/// the comparison with its volume.
 #[derive(Default)]
 struct Group {
     bad: u64,
@@ -728,18 +739,16 @@ struct Group {
 impl Group {
     fn sum(st: &State, model: &str, ids: &[String], version: &str, since: u64) -> Group {
         let mut g = Group::default();
+        let mut contributions = Vec::new();
         for id in ids {
             let Some(series) =
                 st.devices.get(id.as_str()).and_then(|d| d.series.iter().find(|s| s.model == model && s.version == version))
             else {
                 continue;
             };
-            let mut reported = false;
+            let Some(w) = window_of(series, since) else { continue };
+            contributions.push(w.contribution());
             for e in series.entries.iter().filter(|e| e.end_ms >= since) {
-                reported = true;
-                g.bad += e.input_errors + e.failures;
-                g.total += e.requests + e.input_errors + e.failures;
-                g.latency.merge(&e.latency);
                 if let Some(o) = &e.outputs {
                     match &mut g.outputs {
                         None => g.outputs = Some(o.0.clone()),
@@ -749,8 +758,10 @@ impl Group {
                     }
                 }
             }
-            g.devices += usize::from(reported);
+            g.devices += 1;
         }
+        let pooled = contribution::pool(&contributions);
+        (g.bad, g.total, g.latency) = (pooled.bad, pooled.total, pooled.latency);
         g
     }
 }
@@ -774,10 +785,16 @@ pub struct DeviceWindow {
 }
 
 impl DeviceWindow {
+    /// What this device brings to a pooled figure ([`crate::contribution`]).
+    pub fn contribution(&self) -> Contribution {
+        let bad = self.input_errors.saturating_add(self.failures);
+        Contribution { bad, total: self.requests.saturating_add(bad), latency: self.latency.clone() }
+    }
+
     /// (input_errors + failures) / (requests + input_errors + failures): client errors count.
     pub fn error_rate(&self) -> f64 {
-        let bad = self.input_errors + self.failures;
-        let total = self.requests + bad;
+        let bad = self.input_errors.saturating_add(self.failures);
+        let total = self.requests.saturating_add(bad);
         if total == 0 {
             0.0
         } else {

@@ -241,6 +241,41 @@ fn a_rotated_out_key_is_refused_once_a_newer_serial_was_seen() {
 }
 
 #[test]
+fn a_bundle_a_directive_names_stays_installable_after_rotation_and_expiry() {
+    // Signed under certificate serial 1, which has since been rotated out
+    // (serial 2 seen) and has expired: a fresh directive that names this
+    // exact manifest vouches for it (bundle module docs, Key rotation).
+    let model = fake_model(1000);
+    let bundle = bundle_with(3, &model);
+    let named = verify_bundle_bytes(&bundle, &trust(), &options()).expect("ok").header.payload_digest;
+    let later = Clock::At(ISSUED_AT + VALID_FOR + 1);
+    let by_name = VerifyOptions { freshness: Freshness::NamedBy(named), min_certificate_serial: 2, clock: later, ..options() };
+    verify_bundle_bytes(&bundle, &trust(), &by_name).expect("named by a directive: installable after rotation");
+
+    // Not named: the same bundle is refused for the rotation and the expiry.
+    let above = VerifyOptions { freshness: Freshness::Above(0), ..by_name };
+    assert!(matches!(verify_bundle_bytes(&bundle, &trust(), &above), Err(VerifyError::CertificateSuperseded { .. })));
+    let above = VerifyOptions { min_certificate_serial: 0, ..above };
+    assert!(matches!(verify_bundle_bytes(&bundle, &trust(), &above), Err(VerifyError::CertificateExpired { .. })));
+
+    // Waiving the floor is no opening for the old key: anything else it signs
+    // is not the payload the directive named, and a rogue root stays refused.
+    let other = bundle_with(4, &model);
+    assert!(matches!(verify_bundle_bytes(&other, &trust(), &by_name), Err(VerifyError::NotTheNamedManifest { .. })));
+    let rogue_root = SecretKey::from_seed([0x68; 32]);
+    let rogue_cert = issue_certificate(&rogue_root, &online_key().public_key(), 9, ISSUED_AT, VALID_FOR).expect("cert");
+    let signed = Signed::sign(&manifest("demo", "1.0.0", 3, &model), &online_key()).expect("sign");
+    let mut forged = Vec::new();
+    write_bundle(&mut forged, &signed, &[rogue_cert], &model).expect("write");
+    let digest = signed.payload_digest();
+    let by_forged = VerifyOptions { freshness: Freshness::NamedBy(digest), ..by_name };
+    assert!(matches!(
+        verify_bundle_bytes(&forged, &trust(), &by_forged),
+        Err(VerifyError::CertificateNotTrusted { .. })
+    ));
+}
+
+#[test]
 fn model_size_and_digest_mismatches_are_refused() {
     let model = fake_model(1000);
     let signer = signer();

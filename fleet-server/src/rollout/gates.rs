@@ -14,6 +14,13 @@
 //! | `failed` | devices failed: rolled back by themselves, refused, silent or not committed by the deadline | value ≤ limit | `--max-failed` |
 //! | `canary_analysis` | metrics significantly worse on the canaries than on the baseline | value = 0 | `--compare-to-baseline` |
 //!
+//! The pooled gates (`error_rate`, `p99_ms`) and the canary analysis weigh
+//! each device at most [`WEIGHT_CAP`](crate::contribution::WEIGHT_CAP) ×
+//! the cohort's median device, and every window's counts are capped to what
+//! one device can serve ([`crate::contribution`]): a lying canary's volume
+//! cannot make a gate pass or fail for the others. It can fail itself — one
+//! failed device, which `--max-failed` counts like any other.
+//!
 //! Client errors count in the error rate on purpose: a version that rejects
 //! requests its predecessor served (an input schema change) is exactly what
 //! a canary must catch, and the device's own probation, which counts only
@@ -24,8 +31,9 @@
 
 use std::collections::BTreeMap;
 
-use outpost_runtime::protocol::LatencySketch;
 use serde::{Deserialize, Serialize};
+
+use crate::contribution::{self, Contribution};
 
 /// The limits of a rollout (the `--max-*` / `--min-*` flags).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -115,18 +123,15 @@ pub struct Inputs<'a> {
 /// Every configured gate's outcome, by name (module docs).
 pub fn evaluate(limits: &Limits, input: &Inputs<'_>) -> BTreeMap<String, GateResult> {
     let mut out = BTreeMap::new();
+    // One device weighs at most a few typical ones (crate::contribution).
+    let contributions: Vec<Contribution> = input.windows.iter().map(|w| w.contribution()).collect();
+    let pooled = contribution::pool(&contributions);
     if let Some(limit) = limits.max_error_rate {
-        let bad: u64 = input.windows.iter().map(|w| w.input_errors + w.failures).sum();
-        let all: u64 = input.windows.iter().map(|w| w.requests + w.input_errors + w.failures).sum();
-        let value = (all > 0).then(|| bad as f64 / all as f64);
-        out.insert("error_rate".into(), GateResult::at_most(value, limit));
+        out.insert("error_rate".into(), GateResult::at_most(pooled.error_rate(), limit));
     }
     if let Some(limit) = limits.max_p99_ms {
-        let mut merged = LatencySketch::default();
-        for w in &input.windows {
-            merged.merge(&w.latency);
-        }
-        let value = merged
+        let value = pooled
+            .latency
             .quantile_us(0.99)
             .map(|us| us as f64 / 1000.0)
             .or_else(|| input.windows.iter().filter_map(|w| w.latency_p99_ms).reduce(f64::max));
@@ -245,6 +250,33 @@ mod tests {
         assert!(failure(&g, Some(&a)).is_some_and(|r| r.contains("latency_p99_ms")));
         let g = evaluate(&limits, &Inputs { windows: vec![&one], cohort: 1, failed: 0, analysis: None });
         assert!(g["canary_analysis"].pass, "no baseline, no verdict");
+    }
+
+    #[test]
+    fn a_lying_canary_cannot_pass_the_gates_for_the_others() {
+        let limits = Limits { max_error_rate: Some(0.05), max_p99_ms: Some(10.0), ..Limits::default() };
+        // Five honest canaries: 20% errors, a p99 around 32 ms.
+        let slow = |n: u64| {
+            let mut b = vec![0; 16];
+            b[14] = n;
+            outpost_runtime::protocol::LatencySketch { buckets_log2_us: b }
+        };
+        let honest: Vec<Window> = (0..5).map(|_| Window { latency: slow(100), ..w(80, 20) }).collect();
+        // One liar with valid keys: endless clean, fast requests.
+        let mut fast = vec![0; 16];
+        fast[3] = u64::MAX;
+        let liar = Window {
+            latency: outpost_runtime::protocol::LatencySketch { buckets_log2_us: fast },
+            ..w(u64::MAX, 0)
+        };
+        let mut windows: Vec<&Window> = honest.iter().collect();
+        windows.push(&liar);
+        let g = evaluate(&limits, &Inputs { windows, cohort: 6, failed: 0, analysis: None });
+        assert!(!g["error_rate"].pass, "{:?}", g["error_rate"]);
+        assert!(!g["p99_ms"].pass, "{:?}", g["p99_ms"]);
+        // And the same honest cohort without the liar fails both as well.
+        let g = evaluate(&limits, &Inputs { windows: honest.iter().collect(), cohort: 5, failed: 0, analysis: None });
+        assert!(!g["error_rate"].pass && !g["p99_ms"].pass);
     }
 
     #[test]

@@ -41,7 +41,9 @@
 //! - **Revocation** of an old online key happens when its certificate expires,
 //!   or earlier on each device that has seen a certificate with a higher
 //!   [`Certificate::serial`] (the caller passes the highest serial it has seen
-//!   as [`VerifyOptions::min_certificate_serial`]).
+//!   as [`VerifyOptions::min_certificate_serial`]). Both apply to what the
+//!   old key signs *from then on*: a bundle a fresh directive names by digest
+//!   stays installable (*Key rotation* below).
 //! - **No not-before check.** Devices without a real-time clock (a Raspberry
 //!   Pi) boot with a clock in the past; a clock that is behind only makes the
 //!   expiry check lenient, it never refuses a good bundle.
@@ -67,7 +69,9 @@
 //!    signed by the pinned root ([`VerifyError::CertificateNotTrusted`]), name
 //!    its key by the right key id, be for the online role, not be superseded
 //!    ([`VerifyError::CertificateSuperseded`]) and not be expired
-//!    ([`VerifyError::CertificateExpired`]).
+//!    ([`VerifyError::CertificateExpired`]). The last two are waived for a
+//!    manifest a verified directive names by digest ([`Freshness::NamedBy`]):
+//!    the directive passed them, and it pins these exact bytes (below).
 //! 4. **Signature** of the manifest by that certified key
 //!    ([`VerifyError::BadSignature`]).
 //! 5. **Format and content**: the manifest's format number is one this build
@@ -87,6 +91,29 @@
 //! [`StreamVerifier::feed`] are **not trusted** until
 //! [`StreamVerifier::finish`] returned `Ok`: write them to a scratch file and
 //! rename it only then.
+//!
+//! # Key rotation
+//!
+//! `outpost-fleet keygen --rotate` certifies a new online key with a higher
+//! serial; a device that has seen it refuses *directives* signed by the old
+//! key. Bundles are another matter: a registry holds versions signed over
+//! years, by keys long rotated out, and an operator must be able to roll
+//! back to any of them. Two designs were weighed:
+//!
+//! - **Re-sign every stored bundle at rotation.** The bundle's bytes change,
+//!   so the sha256 a device holds in its slot no longer matches the one a
+//!   rollback directive names: devices download what they already have, and
+//!   bundles signed offline (`outpost-fleet bundle`) cannot be re-signed
+//!   without the offline key.
+//! - **The directive vouches for the bundle** (what this module does, as
+//!   TUF's targets metadata vouches for a target by hash). A directive is
+//!   checked against the serial floor and expiry; it names the bundle by the
+//!   sha256 of its signed manifest, which names the model by sha256. When
+//!   a bundle is verified [`Freshness::NamedBy`] a directive, its own
+//!   certificate must still be the root's and for the online role, and its
+//!   signature must hold, but its serial and expiry are not held against
+//!   it. A rotated-out or leaked old key gains nothing: whatever it signs is
+//!   not the payload a fresh directive named.
 //!
 //! # Safety is the default
 //!

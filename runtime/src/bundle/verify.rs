@@ -147,9 +147,14 @@ pub enum Freshness {
     /// anything must not use this.
     NothingAcceptedYet,
     /// Accept exactly the signed payload with this sha256
-    /// ([`Signed::payload_digest`]), whatever its sequence: for a rollback,
-    /// where a fresher signed directive (itself checked with `Above`) names
-    /// an older manifest by digest.
+    /// ([`Signed::payload_digest`]), whatever its sequence: a fresher signed
+    /// directive (itself checked with `Above`, against the certificate
+    /// serial floor and expiry) names the manifest by digest — every install
+    /// on a device, a rollback to an older manifest included. The directive
+    /// vouches for the named payload, so that payload's certificate is
+    /// checked for trust and role but not against the serial floor or its
+    /// expiry: a version signed before a key rotation stays installable
+    /// (module docs, *Key rotation*).
     NamedBy(Digest),
 }
 
@@ -253,14 +258,24 @@ pub(crate) fn verify_with_certificates<T: SignedPayload>(
     if certificate.role != KeyRole::Online {
         return Err(VerifyError::WrongRole { key_id: certificate.key_id, role: certificate.role, kind: T::KIND });
     }
-    if certificate.serial < options.min_certificate_serial {
+    // A payload that a verified directive named by digest is vouched for by
+    // that directive, whose own certificate passed the serial and expiry
+    // checks: the floor and the expiry apply to the directive, not to the
+    // named bundle. Otherwise every bundle signed before `keygen --rotate`
+    // (or before its certificate ran out) could never be installed or
+    // rolled back to again. The root signature, the role and the payload
+    // signature are still checked, and step 6 refuses anything but the
+    // exact bytes the directive named — so a leaked rotated-out key can sign
+    // a manifest, but no device installs it without a fresh directive.
+    let vouched_by_directive = matches!(options.freshness, Freshness::NamedBy(_));
+    if !vouched_by_directive && certificate.serial < options.min_certificate_serial {
         return Err(VerifyError::CertificateSuperseded {
             key_id: certificate.key_id,
             serial: certificate.serial,
             min_serial: options.min_certificate_serial,
         });
     }
-    if let Some(now) = options.clock.now() {
+    if let Some(now) = options.clock.now().filter(|_| !vouched_by_directive) {
         if now >= certificate.expires_at {
             return Err(VerifyError::CertificateExpired {
                 key_id: certificate.key_id,
