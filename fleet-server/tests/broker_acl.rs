@@ -414,3 +414,86 @@ fn the_embedded_broker_lets_devices_use_application_topics() {
     let seen: HashSet<String> = a.seen.lock().expect("lock").iter().map(|(t, _)| t.clone()).collect();
     assert!(seen.iter().all(|t| !t.starts_with("outpost/")), "{seen:?}");
 }
+
+/// A test CA and a server certificate for `localhost`/127.0.0.1 it signed
+/// (rustls refuses a self-signed CA certificate as a server's), made with
+/// the openssl command: (ca.pem, cert.pem, key.pem).
+fn test_certificates(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl").args(args).current_dir(dir).output().expect("openssl runs");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    openssl(&[&["req", "-x509"][..], &ec, &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=outpost-test-ca"]].concat());
+    openssl(&[&["req"][..], &ec, &["-keyout", "key.pem", "-out", "leaf.csr", "-subj", "/CN=localhost"]].concat());
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("ext");
+    openssl(&[
+        "x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "cert.pem", "-days", "2",
+        "-extfile", "leaf.ext",
+    ]);
+    (dir.join("ca.pem"), dir.join("cert.pem"), dir.join("key.pem"))
+}
+
+#[test]
+fn the_embedded_broker_serves_tls_to_devices_and_keeps_the_acl() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (ca, cert, key) = test_certificates(dir.path());
+    let public_port = free_port();
+    let settings = EmbeddedSettings {
+        listen: format!("127.0.0.1:{public_port}").parse().expect("addr"),
+        max_connections: 100,
+        max_payload_size: 1 << 20,
+        fleet_filters: Vec::new(),
+        tls: Some(broker::TlsFiles { cert, key }),
+        dashboard_password: None,
+    };
+    let b = broker::start_embedded(settings, registry_with_two_devices(dir.path())).expect("broker");
+    assert_ne!(b.listen.port(), public_port, "the fleet's own client dials a loopback port of its own");
+
+    // A client that opens a TCP connection and never starts TLS does not
+    // hold up anyone else's handshake.
+    let _idle = std::net::TcpStream::connect(("127.0.0.1", public_port)).expect("tcp");
+
+    // A device connects exactly as the agent does (its mqtts options, the CA pinned).
+    let device_key = dir.path().join("device.key");
+    let root = dir.path().join("root.pub");
+    outpost_runtime::bundle::SecretKey::from_seed([5; 32]).write_file(&device_key, "test device").expect("key");
+    outpost_runtime::bundle::SecretKey::from_seed([6; 32]).public_key().write_file(&root, "test root").expect("root");
+    let agent_toml = dir.path().join("agent.toml");
+    std::fs::write(
+        &agent_toml,
+        format!(
+            "device_id = \"{A}\"\nbroker = \"mqtts://localhost:{public_port}\"\nusername = \"{A}\"\npassword = \"{A_PASSWORD}\"\n\
+             ca_file = {ca:?}\ntrust_root = {root:?}\ndevice_key = {device_key:?}\nstate_dir = {state:?}\n",
+            state = dir.path().join("state"),
+        ),
+    )
+    .expect("agent.toml");
+    let config = outpost_agent::config::AgentConfig::load(Some(&agent_toml), |_| None).expect("agent config");
+    let agent_options = outpost_agent::link::mqtt_options(&config, None).expect("options");
+    let (client, mut conn) = Client::new(agent_options, 10);
+    assert!(connected(&mut conn), "the device connects over TLS");
+    client.subscribe(topics::desired(A), QoS::AtLeastOnce).expect("subscribe");
+    assert!(drive(&mut conn, Duration::from_secs(5), |e| matches!(e, Event::Incoming(Packet::SubAck(_)))));
+    publish_once(b.listen.port(), broker::FLEET_CLIENT_ID, &b.fleet.password, &topics::desired(A), false, b"directive");
+    let mut got = false;
+    drive(&mut conn, Duration::from_secs(5), |e| {
+        got = matches!(e, Event::Incoming(Packet::Publish(p)) if p.payload[..] == b"directive"[..]);
+        got
+    });
+    assert!(got, "the fleet's directive reaches the device over TLS");
+    // The ACL holds over TLS too: a wildcard closes the connection.
+    client.subscribe("outpost/v1/#", QoS::AtLeastOnce).expect("subscribe");
+    assert!(!drive(&mut conn, Duration::from_secs(5), |_| false), "closed");
+
+    // Plain MQTT on the TLS port gets nowhere; a device on the fleet's own
+    // plaintext port is refused.
+    let (_c, mut plain) = Client::new(options(public_port, A, A_PASSWORD), 10);
+    assert!(!connected(&mut plain), "no plaintext MQTT on the TLS port");
+    let (_c, mut side) = Client::new(options(b.listen.port(), A, A_PASSWORD), 10);
+    assert!(!connected(&mut side), "the fleet's port admits only the fleet");
+}
