@@ -23,6 +23,23 @@
 //! previous version is a swap back). A directive that arrives during a
 //! trial ends the trial by rolling back first, so the slot being written is
 //! never the one to fall back to.
+//!
+//! **Downloads that do not verify.** Chunk replies are unsigned, so bytes
+//! that fail the checks end an attempt, not the update: the partial file is
+//! dropped and the bundle fetched again with backoff; `failed` is reported
+//! only after several fresh attempts failed ([`crate::retry`]). A device
+//! that gave up (or was stopped) with the accepted directive's bundle in
+//! neither slot tries it again after a restart, when the retained directive
+//! arrives again — instead of sitting without the version.
+//!
+//! **Last will.** Before every connection the agent reserves a fresh
+//! counter and signs the will the broker will publish for that session
+//! (see [`crate::link`]).
+//!
+//! **A disk that refuses writes at boot** (full, read-only) does not stop
+//! the agent: it serves its verified model, and tries to save its state
+//! again with backoff, logging each distinct error once (see
+//! [`crate::slots`]).
 
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -43,16 +60,15 @@ use crate::fetch::{Fetch, FetchEvent};
 use crate::link::{Link, LinkEvent};
 use crate::notify::Notifier;
 use crate::probation::{Trial, Verdict};
-use crate::slots::{SlotName, SlotRecord, Slots};
+use crate::retry::{Attempts, Next};
+use crate::slots::{SlotError, SlotName, SlotRecord, Slots};
 use crate::telemetry::{OfflineBuffer, Window};
 
 /// How often the main loop wakes up without events (watchdog, timeouts).
 const TICK: Duration = Duration::from_millis(200);
-/// Wait before retrying a download the fleet could not serve.
-const RETRY_UNAVAILABLE: Duration = Duration::from_secs(5);
-/// Downloads that end in a digest mismatch are retried from scratch this
-/// many times (a part file damaged by a power cut) before giving up.
-const MAX_DOWNLOAD_ATTEMPTS: u32 = 3;
+/// First and longest wait between tries to save a state the disk refused.
+const SAVE_RETRY_MIN: Duration = Duration::from_millis(500);
+const SAVE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// What the main loop receives.
 #[derive(Debug)]
@@ -95,7 +111,15 @@ pub struct Agent {
     /// To hand to fetch threads.
     events: Sender<Input>,
     download_retry_at: Option<Instant>,
-    download_attempts: u32,
+    /// Faults of the current directive's download (see `retry`).
+    attempts: Attempts,
+    /// The sealed directive this run gave up on: its retained copy is no
+    /// news until the next start.
+    gave_up: Option<Digest>,
+    /// When to try again to save a state the disk refused, and the wait after.
+    save_retry: (Instant, Duration),
+    /// The last disk error logged (each distinct one is logged once).
+    disk_error: Option<String>,
     trial: Option<Trial>,
     window: Window,
     next_telemetry: Instant,
@@ -170,6 +194,8 @@ impl Agent {
         if slots.state().last_error.is_some() && status == Status::Serving {
             status = Status::Failed;
         }
+        // From here on, a change the disk refuses is undone, not kept.
+        slots.booted();
 
         let server_config = ServerConfig { listen: config.listen.clone(), threads: config.threads, ..ServerConfig::default() };
         // The streaming mode predicts from the same slot as HTTP (a swap
@@ -192,7 +218,23 @@ impl Agent {
             n.ready();
         }
         let (tx, rx) = std::sync::mpsc::channel();
-        let link = Link::start(&config, tx.clone(), stream.as_ref().map(StreamCore::submitter))?;
+        // The first session's will, with a counter reserved for it. None
+        // when the disk cannot reserve counters (then nothing is signed
+        // until it can).
+        let will = match slots.next_counter() {
+            Ok(counter) => match crate::link::last_will(&config.device_id, counter, &config.device_key) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    log::error!("signing the last will: {e}");
+                    None
+                }
+            },
+            Err(e) => {
+                log::error!("no last will for this connection: {e}");
+                None
+            }
+        };
+        let link = Link::start(&config, will, tx.clone(), stream.as_ref().map(StreamCore::submitter))?;
         if let (Some(core), Some(replies)) = (&stream, stream_replies) {
             link.publish_stream_replies(replies, core.stats())?;
             if let Some(settings) = &config.stream {
@@ -201,6 +243,7 @@ impl Agent {
         }
         let window = Window::new(model.current());
         let offline = OfflineBuffer::new(config.offline_buffer);
+        let retry = config.download_retry;
         let mut agent = Agent {
             next_telemetry: Instant::now() + config.telemetry_interval,
             config,
@@ -216,7 +259,10 @@ impl Agent {
             fetch: None,
             events: tx.clone(),
             download_retry_at: None,
-            download_attempts: 0,
+            attempts: Attempts::new(retry),
+            gave_up: None,
+            save_retry: (Instant::now() + SAVE_RETRY_MIN, SAVE_RETRY_MIN),
+            disk_error: None,
             trial,
             window,
             offline,
@@ -257,10 +303,15 @@ impl Agent {
         if let Some(stream) = self.stream.take() {
             stream.shutdown();
         }
-        // Connected: wait for the goodbye to go out. Not connected: the
-        // broker already published the last will.
-        let wait = if self.connected { Duration::from_secs(2) } else { Duration::ZERO };
-        self.link.disconnect(&self.config.device_id, wait);
+        // Connected: say "offline" (a signed will with its own counter) and
+        // wait for the goodbye to go out. Not connected: the broker already
+        // published the session's last will.
+        let (goodbye, wait) = if self.connected {
+            (self.sign_will(), Duration::from_secs(2))
+        } else {
+            (None, Duration::ZERO)
+        };
+        self.link.disconnect(goodbye, wait);
         log::info!("stopped");
     }
 
@@ -291,6 +342,11 @@ impl Agent {
                 if let Some(d) = &mut self.download {
                     d.reset_in_flight();
                 }
+                // The will just registered may have been published: the
+                // next session needs one with a fresh counter.
+                if let Some(will) = self.sign_will() {
+                    self.link.offer_will(will);
+                }
             }
             LinkEvent::Message { topic, payload } => match topics::parse(&topic) {
                 Some((id, topics::Kind::Desired)) if id == self.config.device_id => self.on_desired(&payload),
@@ -306,7 +362,10 @@ impl Agent {
         }
         let envelope = Digest::of(bytes);
         if self.slots.state().accepted_envelope == Some(envelope) {
-            return; // the retained directive we already accepted
+            // The retained directive we already accepted: no news, unless
+            // an earlier run gave up on (or never got) its bundle.
+            self.resume_accepted(bytes, envelope);
+            return;
         }
         let state = self.slots.state();
         let verified = match verify_directive(
@@ -343,9 +402,15 @@ impl Agent {
         if let Some(d) = self.download.take() {
             if d.bundle() != &directive.bundle_sha256 {
                 log::info!("abandoning the download of {}", d.directive().id());
-            } else {
-                // Same bundle, newer directive: keep the bytes.
+            } else if d.over_http() == directive.url.as_deref() {
+                // Same bundle, same source, newer directive: keep going.
                 self.download = Some(d);
+            } else {
+                // Same bundle from another source: the verified bytes stay
+                // in the part file and are resumed from it (see `download`).
+                log::info!("fetching {} from its new source", d.directive().id());
+                self.fetch = None;
+                self.download_retry_at = None;
             }
         }
         if self.trial.is_some() {
@@ -354,8 +419,53 @@ impl Agent {
                 self.roll_back(format!("probation ended early by directive {}", directive.sequence));
             }
         }
-        self.download_attempts = 0;
+        self.attempts = Attempts::new(self.config.download_retry);
+        self.gave_up = None;
         self.pursue(directive);
+    }
+
+    /// The directive accepted before, arriving again (every connect): if
+    /// nothing carries it out now, this run has not given up on it, and
+    /// neither slot holds its bundle (it was not installed, refused at
+    /// activation or rolled back from), fetch it again. This is how a
+    /// device that gave up on a download — or restarted after — gets the
+    /// version after all.
+    fn resume_accepted(&mut self, bytes: &[u8], envelope: Digest) {
+        let state = self.slots.state();
+        if self.gave_up == Some(envelope) || state.target.is_some() || self.download.is_some() || self.trial.is_some() {
+            return;
+        }
+        let Some(sequence) = state.last_sequence else { return };
+        // Verified again (signature, certificate, expiry) as the directive
+        // with the sequence already accepted.
+        let verified = match verify_directive(
+            bytes,
+            &self.config.trust_root,
+            &self.config.device_id,
+            sequence.checked_sub(1),
+            state.min_certificate_serial,
+            &self.limits,
+        ) {
+            Ok(v) if v.value.sequence == sequence => v.value,
+            Ok(_) => return,
+            Err(e) => {
+                log::info!("the accepted directive no longer verifies: {e}");
+                return;
+            }
+        };
+        let held = [SlotName::A, SlotName::B]
+            .iter()
+            .any(|s| state.record(*s).is_some_and(|r| r.bundle_sha256 == verified.bundle_sha256));
+        if held {
+            return;
+        }
+        log::info!("directive {} for {} was not carried out: fetching its bundle again", verified.sequence, verified.id());
+        if let Err(e) = self.slots.update(|s| s.target = Some(verified.clone())) {
+            self.report_disk_error(&e);
+            return;
+        }
+        self.attempts = Attempts::new(self.config.download_retry);
+        self.pursue(verified);
     }
 
     /// Works towards `directive`: nothing to do, a swap to the other slot,
@@ -395,6 +505,14 @@ impl Agent {
         if self.download.as_ref().is_some_and(|d| d.bundle() == &directive.bundle_sha256) {
             return;
         }
+        self.start_download(directive, None);
+    }
+
+    /// Starts (or resumes from the part file) downloading `directive`'s
+    /// bundle into the inactive slot; with `delay`, no byte is asked for
+    /// before it has passed.
+    fn start_download(&mut self, directive: Directive, delay: Option<Duration>) {
+        let slot = self.slots.inactive();
         let mut options = VerifyOptions::new(outpost_runtime::bundle::Freshness::NamedBy(directive.manifest_sha256));
         options.min_certificate_serial = self.slots.state().min_certificate_serial;
         match Download::start(
@@ -411,9 +529,11 @@ impl Agent {
                     log::info!("fetching {} from {url}", directive.id());
                 }
                 self.download = Some(d);
-                self.download_retry_at = None;
+                self.download_retry_at = delay.map(|d| Instant::now() + d);
                 self.set_status(Status::Downloading);
-                self.start_fetch();
+                if delay.is_none() {
+                    self.start_fetch();
+                }
             }
             Err(e) => self.fail(format!("cannot start the download: {e}")),
         }
@@ -461,9 +581,7 @@ impl Agent {
             FetchEvent::Failed { bundle, reason } => {
                 if self.fetch.as_ref().is_some_and(|(b, _)| *b == bundle) {
                     self.fetch = None;
-                    log::warn!("{reason}; fetching again in {RETRY_UNAVAILABLE:?} from the last verified byte");
-                    self.download_retry_at = Some(Instant::now() + RETRY_UNAVAILABLE);
-                    self.slots_error(format!("download paused: {reason}"));
+                    self.source_unavailable(format!("download paused: {reason}"));
                 }
             }
         }
@@ -471,26 +589,78 @@ impl Agent {
 
     /// What a piece of a download (a chunk or fetched bytes) led to.
     fn after_progress(&mut self, result: Result<Progress, DownloadError>) {
-        let Some(download) = self.download.as_mut() else { return };
+        if self.download.is_none() {
+            return;
+        }
         match result {
             Ok(Progress::Ignored) => {}
             // Progress goes out with the state at the next telemetry tick.
-            Ok(Progress::Advanced) => {}
-            Ok(Progress::Complete) => self.download_complete(),
-            Err(DownloadError::Unavailable(reason)) => {
-                log::warn!("fleet cannot serve the bundle: {reason}");
-                download.reset_in_flight();
-                self.download_retry_at = Some(Instant::now() + RETRY_UNAVAILABLE);
-                self.slots_error(format!("download paused: the fleet cannot serve the bundle: {reason}"));
+            Ok(Progress::Advanced) => self.attempts.progressed(),
+            Ok(Progress::Complete) => {
+                self.attempts.progressed();
+                self.download_complete();
             }
-            Err(e) => {
-                let d = self.download.take();
-                if let Some(d) = d {
+            Err(DownloadError::Unavailable(reason)) => {
+                self.source_unavailable(format!("download paused: the fleet cannot serve the bundle: {reason}"))
+            }
+            Err(e @ DownloadError::Io { .. }) => {
+                if let Some(d) = self.download.take() {
                     d.discard();
                 }
                 self.refuse_target(format!("{e}"));
             }
+            Err(e) => self.attempt_failed(e.to_string()),
         }
+    }
+
+    /// The source says it cannot serve now (a chunk reply, a broken HTTP
+    /// fetch): pause with backoff, believed a bounded number of times.
+    fn source_unavailable(&mut self, reason: String) {
+        match self.attempts.unavailable() {
+            Next::RetryIn(wait) => {
+                log::warn!("{reason}; asking again in {wait:?} from the last verified byte");
+                if let Some(d) = self.download.as_mut() {
+                    d.reset_in_flight();
+                }
+                self.download_retry_at = Some(Instant::now() + wait);
+                self.slots_error(reason);
+            }
+            Next::GiveUp => self.give_up_download(format!("{reason} (too often)")),
+        }
+    }
+
+    /// The download's bytes did not verify: drop them and fetch again from
+    /// scratch after a backoff, or give up after the last attempt.
+    fn attempt_failed(&mut self, reason: String) {
+        let Some(download) = self.download.take() else { return };
+        let directive = download.directive().clone();
+        download.discard();
+        self.fetch = None;
+        match self.attempts.attempt_failed() {
+            Next::RetryIn(wait) => {
+                let reason = format!(
+                    "download attempt {} of {} failed: {reason}; downloading again in {wait:?}",
+                    self.attempts.failed(),
+                    self.attempts.policy().attempts
+                );
+                log::warn!("{reason}");
+                self.slots_error(reason);
+                self.start_download(directive, Some(wait));
+            }
+            Next::GiveUp => self.give_up_download(reason),
+        }
+    }
+
+    /// Every attempt failed: the directive is given up until the next start.
+    fn give_up_download(&mut self, reason: String) {
+        if let Some(d) = self.download.take() {
+            d.discard();
+        }
+        self.fetch = None;
+        self.download_retry_at = None;
+        self.gave_up = self.slots.state().accepted_envelope;
+        let attempts = self.attempts.failed().max(1);
+        self.refuse_target(format!("{reason} (gave up after {attempts} attempt(s))"));
     }
 
     fn download_complete(&mut self) {
@@ -518,20 +688,27 @@ impl Agent {
                 crate::test_hooks::pause_at("slot-written");
                 self.activate(slot, &directive);
             }
-            Err(DownloadError::Mismatch(_))
-            | Err(DownloadError::Refused(outpost_runtime::bundle::VerifyError::DigestMismatch { .. }))
-                if self.download_attempts + 1 < MAX_DOWNLOAD_ATTEMPTS =>
-            {
-                // A part file damaged by a power cut hashes wrong: try again
-                // from scratch, a bounded number of times.
-                self.download_attempts += 1;
-                log::warn!("the downloaded bundle does not match; downloading again (attempt {})", self.download_attempts + 1);
-                let _ = std::fs::remove_file(self.slots.part_path(self.slots.inactive()));
-                self.pursue(directive);
-            }
-            Err(e) => {
+            Err(e @ DownloadError::Io { .. }) => {
                 let _ = std::fs::remove_file(self.slots.part_path(self.slots.inactive()));
                 self.refuse_target(e.to_string());
+            }
+            // A forged chunk, or a part file damaged by a power cut: the
+            // whole file hashes wrong. Drop it, fetch again (bounded).
+            Err(e) => {
+                let _ = std::fs::remove_file(self.slots.part_path(self.slots.inactive()));
+                match self.attempts.attempt_failed() {
+                    Next::RetryIn(wait) => {
+                        let reason = format!(
+                            "download attempt {} of {} failed: {e}; downloading again in {wait:?}",
+                            self.attempts.failed(),
+                            self.attempts.policy().attempts
+                        );
+                        log::warn!("{reason}");
+                        self.slots_error(reason);
+                        self.start_download(directive, Some(wait));
+                    }
+                    Next::GiveUp => self.give_up_download(e.to_string()),
+                }
             }
         }
     }
@@ -571,6 +748,22 @@ impl Agent {
         if let Some(n) = &self.notifier {
             n.watchdog();
         }
+        // A state the disk refused at boot: try again, with backoff.
+        if self.slots.unsaved() && Instant::now() >= self.save_retry.0 {
+            match self.slots.retry_save() {
+                Ok(()) => {
+                    log::info!("the state is saved again");
+                    self.disk_error = None;
+                    self.save_retry = (Instant::now(), SAVE_RETRY_MIN);
+                    self.state_dirty = true;
+                }
+                Err(e) => {
+                    self.report_disk_error(&e);
+                    let wait = (self.save_retry.1 * 2).min(SAVE_RETRY_MAX);
+                    self.save_retry = (Instant::now() + crate::link::jittered(wait), wait);
+                }
+            }
+        }
         // Probation.
         if let (Some(trial), Some(current)) = (self.trial.as_mut(), self.model.current()) {
             match trial.check(&current) {
@@ -604,12 +797,11 @@ impl Agent {
                 self.download_retry_at = None;
                 let requests = d.requests();
                 for r in requests {
-                    let counter = match self.slots.next_counter() {
-                        Ok(c) => c,
-                        Err(e) => {
-                            log::error!("{e}");
-                            return;
+                    let Some(counter) = self.next_counter() else {
+                        if let Some(d) = self.download.as_mut() {
+                            d.reset_in_flight();
                         }
+                        return;
                     };
                     match DeviceSigned::sign(&self.config.device_id, counter, &r, &self.config.device_key) {
                         Ok(msg) => {
@@ -656,13 +848,7 @@ impl Agent {
 
     /// Signs and publishes (or buffers while offline) a telemetry/sketch message.
     fn publish_device<T: DeviceMessage>(&mut self, topic: String, value: &T) {
-        let counter = match self.slots.next_counter() {
-            Ok(c) => c,
-            Err(e) => {
-                log::error!("{e}");
-                return;
-            }
-        };
+        let Some(counter) = self.next_counter() else { return };
         let bytes = match DeviceSigned::sign(&self.config.device_id, counter, value, &self.config.device_key) {
             Ok(m) => m.to_bytes(),
             Err(e) => {
@@ -723,6 +909,40 @@ impl Agent {
         self.state_dirty = true;
     }
 
+    /// A fresh message counter; `None` (logged once per distinct error)
+    /// when the disk cannot reserve one.
+    fn next_counter(&mut self) -> Option<u64> {
+        match self.slots.next_counter() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                self.report_disk_error(&e);
+                None
+            }
+        }
+    }
+
+    /// The signed will for the next session, or the goodbye, with a
+    /// counter reserved for it.
+    fn sign_will(&mut self) -> Option<rumqttc::LastWill> {
+        let counter = self.next_counter()?;
+        match crate::link::last_will(&self.config.device_id, counter, &self.config.device_key) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                log::error!("signing the last will: {e}");
+                None
+            }
+        }
+    }
+
+    /// Logs a disk error once for as long as it stays the same.
+    fn report_disk_error(&mut self, e: &SlotError) {
+        let text = e.to_string();
+        if self.disk_error.as_deref() != Some(text.as_str()) {
+            log::error!("{text} (retrying later)");
+            self.disk_error = Some(text);
+        }
+    }
+
     fn fit_text(&self, text: String) -> String {
         fit_text(text, &self.limits)
     }
@@ -772,13 +992,7 @@ impl Agent {
             return;
         }
         let state = self.state_message();
-        let counter = match self.slots.next_counter() {
-            Ok(c) => c,
-            Err(e) => {
-                log::error!("{e}");
-                return;
-            }
-        };
+        let Some(counter) = self.next_counter() else { return };
         match DeviceSigned::sign(&self.config.device_id, counter, &state, &self.config.device_key) {
             Ok(msg) => match self.link.publish(topics::state(&self.config.device_id), true, msg.to_bytes()) {
                 Ok(()) => self.state_dirty = false,

@@ -28,7 +28,10 @@
 //! `probation_max_boots` 3, `threads` 0 (one HTTP worker per core),
 //! `keep_alive_secs` 30, `reconnect_min_ms` 500, `reconnect_max_ms` 30000,
 //! `stream_queue` 64 (stream messages waiting for inference; more are
-//! dropped and counted in `/metrics`).
+//! dropped and counted in `/metrics`), `download_attempts` 5 (fresh
+//! attempts before a download that does not verify is given up),
+//! `download_unavailable_rounds` 4, `download_retry_min_ms` 1000,
+//! `download_retry_max_ms` 60000 (see `retry`).
 //!
 //! Every mistake is a [`ConfigError`] naming the key, so the agent stops at
 //! start with one line a person can act on.
@@ -89,6 +92,8 @@ pub struct AgentConfig {
     pub reconnect_max: Duration,
     /// The streaming mode, when `stream_inputs` names topics.
     pub stream: Option<StreamSettings>,
+    /// When a download is tried again and given up.
+    pub download_retry: crate::retry::RetryPolicy,
 }
 
 /// Streaming inference on the agent's own broker connection.
@@ -133,6 +138,10 @@ struct Raw {
     stream_inputs: Option<Vec<String>>,
     stream_output: Option<String>,
     stream_queue: Option<usize>,
+    download_attempts: Option<u32>,
+    download_unavailable_rounds: Option<u32>,
+    download_retry_min_ms: Option<u64>,
+    download_retry_max_ms: Option<u64>,
 }
 
 /// Keys whose environment value is a number (parsed as TOML), or a list
@@ -153,6 +162,10 @@ const NUMERIC_KEYS: &[&str] = &[
     "reconnect_min_ms",
     "reconnect_max_ms",
     "stream_queue",
+    "download_attempts",
+    "download_unavailable_rounds",
+    "download_retry_min_ms",
+    "download_retry_max_ms",
 ];
 const STRING_KEYS: &[&str] = &[
     "device_id",
@@ -279,7 +292,19 @@ impl AgentConfig {
             return Err(err("reconnect_max_ms", "must not be below reconnect_min_ms"));
         }
         let stream = stream_settings(raw.stream_inputs, raw.stream_output, raw.stream_queue)?;
+        let retry_defaults = crate::retry::RetryPolicy::default();
+        let download_retry = crate::retry::RetryPolicy {
+            attempts: positive("download_attempts", raw.download_attempts.map(u64::from), retry_defaults.attempts as u64)?
+                .min(1000) as u32,
+            unavailable_rounds: raw.download_unavailable_rounds.unwrap_or(retry_defaults.unavailable_rounds).min(1000),
+            min: Duration::from_millis(positive("download_retry_min_ms", raw.download_retry_min_ms, 1000)?),
+            max: Duration::from_millis(positive("download_retry_max_ms", raw.download_retry_max_ms, 60_000)?),
+        };
+        if download_retry.max < download_retry.min {
+            return Err(err("download_retry_max_ms", "must not be below download_retry_min_ms"));
+        }
         Ok(AgentConfig {
+            download_retry,
             stream,
             device_id,
             tags,

@@ -40,7 +40,8 @@ const SYNC_EVERY: u64 = 1 << 20;
 /// Why a download stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum DownloadError {
-    /// The bundle is refused (signature, certificate, digest…): do not retry.
+    /// The bytes are refused (signature, certificate, digest…). Chunks are
+    /// unsigned, so this ends an attempt, not the update (see `retry`).
     #[error("bundle refused: {0}")]
     Refused(#[from] VerifyError),
     #[error("bundle refused: {0}")]
@@ -236,15 +237,24 @@ impl Download {
         if reply.bundle_sha256() != &self.directive.bundle_sha256 {
             return Ok(Progress::Ignored);
         }
+        // Replies are unsigned: one that answers nothing we asked, or
+        // contradicts the signed size, is ignored — the real answer to the
+        // same request is still welcome.
         let (offset, total, bytes) = match reply {
             ChunkReply::Data { offset, total, bytes, .. } => (offset, total, bytes),
-            ChunkReply::Unavailable { reason, .. } => return Err(DownloadError::Unavailable(reason)),
+            ChunkReply::Unavailable { offset, reason, .. } => {
+                if !self.in_flight.contains_key(&offset) {
+                    return Ok(Progress::Ignored);
+                }
+                return Err(DownloadError::Unavailable(reason));
+            }
         };
         if total != self.directive.bundle_size {
-            return Err(DownloadError::Mismatch(format!(
-                "the fleet says the bundle has {total} bytes, the signed directive says {}",
+            log::warn!(
+                "ignoring a chunk reply that says the bundle has {total} bytes (the signed directive says {})",
                 self.directive.bundle_size
-            )));
+            );
+            return Ok(Progress::Ignored);
         }
         // Only replies we asked for, of the length we asked for (the last
         // chunk may not be shorter than asked: we never ask past the end).

@@ -11,6 +11,7 @@
 //! - [`link`]: the MQTT connection (last will, backoff, resubscribe).
 //! - [`download`]: chunked, resumable, verified-as-it-arrives downloads.
 //! - [`fetch`]: the same download from a directive's HTTP(S) URL.
+//! - [`retry`]: when a download is tried again, and when it is given up.
 //! - [`slots`]: A/B slots and the state file — every disk write, and the
 //!   crash-safety argument.
 //! - [`activation`]: load + self-test, and the atomic traffic switch.
@@ -30,6 +31,7 @@ pub mod fetch;
 pub mod link;
 pub mod notify;
 pub mod probation;
+pub mod retry;
 pub mod slots;
 pub mod telemetry;
 pub mod test_hooks;

@@ -15,15 +15,26 @@
 //! once (never blocking: a full queue drops and counts), and a second thread
 //! publishes the stream's replies on the same connection.
 //!
-//! The last will is the retained [`OFFLINE_WILL`] on the device's state
-//! topic. Publishing never blocks the main loop: a full request queue is an
-//! error the caller handles (the offline buffer).
+//! **The last will** is a signed [`DeviceWill`], retained on the device's
+//! state topic. The broker publishes it long after it was registered, so it
+//! is signed when it is registered: the main loop reserves a fresh counter
+//! and signs a will for the first connection, and again every time the
+//! connection drops ([`Link::offer_will`]); the link thread puts the newest
+//! into the connection options before it reconnects (rumqttc reads them on
+//! every connect). A will registered by a session that reached the broker is
+//! spent: the next session must not carry it (the fleet accepts a will only
+//! above the last will counter it accepted), so the link thread waits a
+//! bounded time for a fresh one if the main loop has not signed it yet.
+//!
+//! Publishing never blocks the main loop: a full request queue is an error
+//! the caller handles (the offline buffer).
 
 use std::sync::mpsc::{Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use outpost_runtime::protocol::{topics, Limits, OFFLINE_WILL};
+use outpost_runtime::bundle::SecretKey;
+use outpost_runtime::protocol::{topics, DeviceWill, Limits, ProtocolError};
 use outpost_runtime::stream::{InMessage, OutMessage, StreamStats, SubmitOutcome, Submitter};
 use rumqttc::{Client, Event, LastWill, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 
@@ -49,31 +60,76 @@ pub enum LinkError {
     Spawn(std::io::Error),
 }
 
+/// How long the link thread waits, after its backoff, for a fresh will when
+/// the one it holds is spent. Past that it reconnects with the spent one
+/// (the fleet then refuses it as a replay: no harm, only no "offline").
+const FRESH_WILL_WAIT: Duration = Duration::from_secs(5);
+
+/// The signed last will for `device_id` with `counter` (reserved for it),
+/// as rumqttc registers it: retained, QoS 1, on the device's state topic.
+/// The fleet simulator builds its wills with this too.
+pub fn last_will(device_id: &str, counter: u64, key: &SecretKey) -> Result<LastWill, ProtocolError> {
+    let bytes = DeviceWill::signed(device_id, counter, key)?.to_bytes();
+    Ok(LastWill::new(topics::state(device_id), bytes, QoS::AtLeastOnce, true))
+}
+
+/// The will for the next connection, handed from the thread that signs it
+/// to the thread that connects. Holds only the newest.
+#[derive(Default)]
+pub struct NextWill {
+    will: Mutex<Option<LastWill>>,
+    offered: Condvar,
+}
+
+impl NextWill {
+    /// Replaces any will not yet taken (the newer counter wins).
+    pub fn offer(&self, will: LastWill) {
+        *self.will.lock().unwrap_or_else(|p| p.into_inner()) = Some(will);
+        self.offered.notify_all();
+    }
+
+    /// The newest offered will, waiting up to `wait` for one.
+    pub fn take(&self, wait: Duration) -> Option<LastWill> {
+        let guard = self.will.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut guard, _) =
+            self.offered.wait_timeout_while(guard, wait, |w| w.is_none()).unwrap_or_else(|p| p.into_inner());
+        guard.take()
+    }
+}
+
 /// The publishing half; events arrive on the receiver from [`Link::start`].
 pub struct Link {
     client: Client,
+    next_will: Arc<NextWill>,
     /// Set by the connection thread once our DISCONNECT went out.
     goodbye: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
 }
 
 impl Link {
-    /// Connects in the background; events (starting with `Connected`) arrive
-    /// on the returned receiver.
+    /// Connects in the background with `will` (see the module docs; `None`
+    /// only when no counter could be reserved for one); events (starting
+    /// with `Connected`) arrive on `events`.
     pub fn start(
         config: &AgentConfig,
+        will: Option<LastWill>,
         events: Sender<crate::agent::Input>,
         stream: Option<Submitter>,
     ) -> Result<Link, LinkError> {
-        let options = mqtt_options(config)?;
+        let options = mqtt_options(config, will)?;
         // Room for a window of chunk requests plus telemetry bursts.
         let (client, mut connection) = Client::new(options, 512);
         let (min, max) = (config.reconnect_min, config.reconnect_max);
         let goodbye = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
         let said_goodbye = goodbye.clone();
+        let next_will = Arc::new(NextWill::default());
+        let fresh_wills = next_will.clone();
         std::thread::Builder::new()
             .name("outpost-mqtt".into())
             .spawn(move || {
                 let mut backoff = min;
+                // Whether the registered will went to the broker with a
+                // session that got through (it may have been published).
+                let mut will_spent = false;
                 loop {
                     let notification = match connection.recv() {
                         Ok(n) => n,
@@ -83,6 +139,7 @@ impl Link {
                     let input = match notification {
                         Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                             backoff = min;
+                            will_spent = true;
                             log::info!("connected to the broker ({:?})", ack.code);
                             Some(LinkEvent::Connected)
                         }
@@ -111,7 +168,19 @@ impl Link {
                             if events.send(crate::agent::Input::Link(LinkEvent::Disconnected(e.to_string()))).is_err() {
                                 return;
                             }
+                            // The main loop signs the next will meanwhile.
                             std::thread::sleep(wait);
+                            let extra = if will_spent { FRESH_WILL_WAIT } else { Duration::ZERO };
+                            match fresh_wills.take(extra) {
+                                Some(will) => {
+                                    connection.eventloop.mqtt_options.set_last_will(will);
+                                    will_spent = false;
+                                }
+                                None if will_spent => {
+                                    log::warn!("no fresh last will signed; reconnecting with the previous one")
+                                }
+                                None => {}
+                            }
                             backoff = (backoff * 2).min(max);
                             None
                         }
@@ -124,7 +193,12 @@ impl Link {
                 }
             })
             .map_err(LinkError::Spawn)?;
-        Ok(Link { client, goodbye })
+        Ok(Link { client, next_will, goodbye })
+    }
+
+    /// The will for the next (re)connection, signed with a fresh counter.
+    pub fn offer_will(&self, will: LastWill) {
+        self.next_will.offer(will);
     }
 
     /// Subscribes to the device's retained desired topic and its chunk replies.
@@ -169,11 +243,14 @@ impl Link {
     }
 
     /// Says goodbye cleanly. The broker then does *not* publish the last
-    /// will, so the device first publishes the same retained "offline"
-    /// itself; then waits (up to `wait`) until the DISCONNECT is on the wire,
-    /// so that a process exiting right after loses neither.
-    pub fn disconnect(&self, device_id: &str, wait: Duration) {
-        let _ = self.client.try_publish(topics::state(device_id), QoS::AtLeastOnce, true, OFFLINE_WILL);
+    /// will, so the device first publishes a signed will itself
+    /// (`goodbye`, with its own fresh counter); then waits (up to `wait`)
+    /// until the DISCONNECT is on the wire, so that a process exiting right
+    /// after loses neither.
+    pub fn disconnect(&self, goodbye: Option<LastWill>, wait: Duration) {
+        if let Some(will) = goodbye {
+            let _ = self.client.try_publish(will.topic, will.qos, will.retain, will.message);
+        }
         let _ = self.client.try_disconnect();
         let (flag, cv) = &*self.goodbye;
         let guard = flag.lock().unwrap_or_else(|p| p.into_inner());
@@ -182,10 +259,10 @@ impl Link {
 }
 
 /// The agent's MQTT connection options: client id = device id, clean
-/// session, the protocol's packet limit, the retained offline last will,
-/// credentials and TLS. Public so the fleet simulator
+/// session, the protocol's packet limit, the signed last will (from
+/// [`last_will`]), credentials and TLS. Public so the fleet simulator
 /// (`outpost-fleet simulate`) connects exactly as a device does.
-pub fn mqtt_options(config: &AgentConfig) -> Result<MqttOptions, LinkError> {
+pub fn mqtt_options(config: &AgentConfig, will: Option<LastWill>) -> Result<MqttOptions, LinkError> {
     // The client id is the device id (the embedded broker and the
     // mosquitto ACL pattern key on it).
     let mut options = MqttOptions::new(config.device_id.clone(), config.broker.host.clone(), config.broker.port);
@@ -193,7 +270,9 @@ pub fn mqtt_options(config: &AgentConfig) -> Result<MqttOptions, LinkError> {
     options.set_clean_session(true);
     let max_packet = Limits::default().max_packet_bytes();
     options.set_max_packet_size(max_packet, max_packet);
-    options.set_last_will(LastWill::new(topics::state(&config.device_id), OFFLINE_WILL, QoS::AtLeastOnce, true));
+    if let Some(will) = will {
+        options.set_last_will(will);
+    }
     if let Some(user) = &config.username {
         options.set_credentials(user.clone(), config.password.clone().unwrap_or_default());
     }
@@ -250,5 +329,35 @@ mod tests {
             let j = jittered(Duration::from_millis(1000));
             assert!(j >= Duration::from_millis(500) && j <= Duration::from_millis(1000));
         }
+    }
+
+    #[test]
+    fn the_newest_offered_will_is_taken_once() {
+        let key = SecretKey::from_seed([3; 32]);
+        let next = Arc::new(NextWill::default());
+        assert!(next.take(Duration::ZERO).is_none());
+        next.offer(last_will("pi-1", 7, &key).unwrap());
+        next.offer(last_will("pi-1", 9, &key).unwrap());
+        let will = next.take(Duration::ZERO).unwrap();
+        let l = Limits::default();
+        let Ok(outpost_runtime::protocol::StatePayload::Will(w)) =
+            outpost_runtime::protocol::parse_state_payload(&will.message, &l)
+        else {
+            panic!("a signed will")
+        };
+        assert_eq!(w.counter(), 9);
+        assert_eq!(will.topic, topics::state("pi-1"));
+        assert!(will.retain && will.qos == QoS::AtLeastOnce);
+        assert!(next.take(Duration::ZERO).is_none(), "taken once");
+        // A will offered while the link thread waits wakes it.
+        let offering = next.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            offering.offer(last_will("pi-1", 10, &SecretKey::from_seed([3; 32])).unwrap());
+        });
+        let started = std::time::Instant::now();
+        assert!(next.take(Duration::from_secs(10)).is_some());
+        assert!(started.elapsed() < Duration::from_secs(5));
+        t.join().unwrap();
     }
 }

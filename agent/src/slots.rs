@@ -34,6 +34,18 @@
 //! version that keeps crashing the device is abandoned after
 //! `max_boots`. At boot the active slot is verified again before it serves;
 //! if it does not verify, the agent falls back to the other slot.
+//!
+//! # A disk that refuses writes at boot
+//!
+//! A full or read-only disk must not stop a device from serving the model
+//! it has verified. Until [`Slots::booted`], a change that cannot be saved
+//! stays in memory and is saved later ([`Slots::retry_save`]): the boot's
+//! decisions (count a boot, roll back a crash loop, forget a slot that no
+//! longer verifies) are made again from the disk's state after a crash, so
+//! acting on them before they are saved loses nothing. After boot every
+//! change is saved before it counts, as before. Message counters are
+//! handed out only below a reservation that is on disk, so an unsaved
+//! reservation means no signed message until the disk takes it.
 
 use std::fs::File;
 use std::io::Write;
@@ -193,6 +205,13 @@ pub struct Slots {
     state: StateFile,
     /// Next device message counter to hand out.
     next_counter: u64,
+    /// The counter reservation the disk holds (counters below it are safe
+    /// to use: a restart starts above it).
+    persisted_reserved: u64,
+    /// Memory holds changes the disk does not (boot only; see the module docs).
+    unsaved: bool,
+    /// Still booting: unsaved changes are kept, not undone.
+    booting: bool,
 }
 
 impl Slots {
@@ -219,10 +238,30 @@ impl Slots {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => StateFile::default(),
             Err(e) => return Err(SlotError::Io { path, source: e }),
         };
-        let mut slots = Slots { dir: dir.to_path_buf(), next_counter: state.counter_reserved, state };
-        slots.state.counter_reserved = slots.next_counter + COUNTER_BLOCK;
-        slots.save()?;
+        let next_counter = state.counter_reserved;
+        let mut slots =
+            Slots { dir: dir.to_path_buf(), next_counter, persisted_reserved: next_counter, state, unsaved: false, booting: true };
+        slots.update(|s| s.counter_reserved = next_counter + COUNTER_BLOCK)?;
         Ok(slots)
+    }
+
+    /// Boot is over: from now on a change that cannot be saved is undone
+    /// (and reported), as the crash-safety argument needs.
+    pub fn booted(&mut self) {
+        self.booting = false;
+    }
+
+    /// Whether memory holds changes the disk does not.
+    pub fn unsaved(&self) -> bool {
+        self.unsaved
+    }
+
+    /// Tries again to save changes the disk refused at boot.
+    pub fn retry_save(&mut self) -> Result<(), SlotError> {
+        if !self.unsaved {
+            return Ok(());
+        }
+        self.save()
     }
 
     pub fn state(&self) -> &StateFile {
@@ -233,11 +272,19 @@ impl Slots {
         &self.dir
     }
 
-    /// Changes the state and writes it out atomically.
+    /// Changes the state and writes it out atomically. While booting, a
+    /// change the disk refuses is kept in memory (logged, saved later by
+    /// [`retry_save`](Self::retry_save)); after boot it is undone and the
+    /// error returned.
     pub fn update(&mut self, change: impl FnOnce(&mut StateFile)) -> Result<(), SlotError> {
         let before = self.state.clone();
         change(&mut self.state);
         if let Err(e) = self.save() {
+            if self.booting {
+                log::error!("{e}: serving on, saving the state again later");
+                self.unsaved = true;
+                return Ok(());
+            }
             // Memory must not claim what the disk does not hold.
             self.state = before;
             return Err(e);
@@ -245,11 +292,19 @@ impl Slots {
         Ok(())
     }
 
-    /// The next device message counter (strictly rising across restarts).
+    /// The next device message counter (strictly rising across restarts):
+    /// only ever below a reservation the disk holds.
     pub fn next_counter(&mut self) -> Result<u64, SlotError> {
-        if self.next_counter >= self.state.counter_reserved {
+        if self.next_counter >= self.persisted_reserved {
             let reserved = self.next_counter + COUNTER_BLOCK;
-            self.update(|s| s.counter_reserved = reserved)?;
+            let state = self.state.clone();
+            self.state.counter_reserved = reserved;
+            if let Err(e) = self.save() {
+                // Even while booting: a counter the disk has not reserved
+                // could be handed out again after a restart.
+                self.state = state;
+                return Err(e);
+            }
         }
         let c = self.next_counter;
         self.next_counter += 1;
@@ -355,11 +410,14 @@ impl Slots {
         })
     }
 
-    fn save(&self) -> Result<(), SlotError> {
+    fn save(&mut self) -> Result<(), SlotError> {
         let path = self.dir.join("state.json");
         let text = serde_json::to_vec_pretty(&self.state)
             .map_err(|e| SlotError::Corrupt { path: path.clone(), reason: e.to_string() })?;
-        write_atomically(&path, &text)
+        write_atomically(&path, &text)?;
+        self.unsaved = false;
+        self.persisted_reserved = self.state.counter_reserved;
+        Ok(())
     }
 }
 
@@ -432,6 +490,41 @@ mod tests {
         drop(s);
         let mut s = Slots::open(dir.path()).unwrap();
         assert!(s.next_counter().unwrap() > b);
+    }
+
+    #[test]
+    fn a_disk_refusing_writes_at_boot_keeps_the_state_in_memory_until_it_saves() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Slots::open(dir.path()).unwrap();
+        std::fs::write(s.part_path(SlotName::A), b"bundle-a").unwrap();
+        s.install(SlotName::A, record("1.0.0")).unwrap();
+        s.activate(SlotName::A, Probation::default()).unwrap();
+        let used = s.next_counter().unwrap();
+        drop(s);
+        let on_disk = std::fs::read(dir.path().join("state.json")).unwrap();
+        // A directory where the temporary copy goes: every save fails.
+        let obstacle = dir.path().join("state.tmp");
+        std::fs::create_dir(&obstacle).unwrap();
+        let mut s = Slots::open(dir.path()).unwrap();
+        assert!(s.unsaved());
+        assert_eq!(s.state().active, Some(SlotName::A));
+        // Boot decisions stand in memory.
+        assert_eq!(s.count_boot().unwrap(), 1);
+        assert_eq!(s.state().boots_in_probation, 1);
+        // No counter without a reservation on disk.
+        assert!(s.next_counter().is_err());
+        s.booted();
+        // After boot a refused change is undone.
+        assert!(s.update(|st| st.last_error = Some("x".into())).is_err());
+        assert_eq!(s.state().last_error, None);
+        assert!(s.retry_save().is_err());
+        assert_eq!(std::fs::read(dir.path().join("state.json")).unwrap(), on_disk);
+        std::fs::remove_dir(&obstacle).unwrap();
+        s.retry_save().unwrap();
+        assert!(!s.unsaved());
+        assert!(s.next_counter().unwrap() > used);
+        let reopened = Slots::open(dir.path()).unwrap();
+        assert_eq!(reopened.state().boots_in_probation, 1, "the boot's change reached the disk");
     }
 
     #[test]

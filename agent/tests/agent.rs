@@ -617,3 +617,210 @@ fn mqtts_with_a_pinned_ca() {
     });
     assert!(w.fleet.state(untrusted).is_none(), "an agent that does not trust the broker published nothing");
 }
+
+/// The agent's log so far.
+fn agent_log(w: &World, device: &str) -> String {
+    std::fs::read_to_string(w.dir.path().join(format!("{device}-agent.log"))).unwrap_or_default()
+}
+
+fn zeros(req: &outpost_runtime::protocol::ChunkRequest, total: u64) -> outpost_runtime::protocol::ChunkReply {
+    outpost_runtime::protocol::ChunkReply::data(req.bundle_sha256, req.offset, total, vec![0; req.len as usize])
+}
+
+/// Forged chunk replies — zeros at exactly the offset the device asked for,
+/// from a client that is not the fleet, read before the fleet's answer —
+/// cost download attempts, not the update: the device drops the partial
+/// file, fetches again with backoff and ends on the version. One forgery
+/// hits the header (refused as it arrives), one the model's last chunk
+/// (refused only by the final digests).
+#[test]
+fn forged_chunks_cost_attempts_not_the_update() {
+    let d = "dev-forged-chunk";
+    let w = world(d);
+    let agent = w.setup(d).env("OUTPOST_CHUNK_SIZE", "4096").spawn();
+    agent.wait_http();
+    w.install_v1(&agent, d);
+    // The fleet answers late, so the forgery is what the device reads first.
+    w.fleet.chunk_delay_ms.store(100, Ordering::SeqCst);
+    let (bundle, total) = (w.v2.sha256, w.v2.bytes.len() as u64);
+    let (mut starts, mut forged_end) = (0, false);
+    let forger = Forger::start(w.broker.port, d, move |req| {
+        if req.bundle_sha256 != bundle {
+            return None;
+        }
+        if req.offset == 0 {
+            starts += 1;
+            if starts == 1 {
+                return Some(zeros(req, total));
+            }
+        }
+        if starts == 2 && !forged_end && req.offset + req.len as u64 == total {
+            forged_end = true;
+            return Some(zeros(req, total));
+        }
+        None
+    });
+    w.fleet.publish(&w.keys.signer, &directive(d, 2, &w.v2, 1));
+    agent.wait_version("2.0.0", T);
+    w.fleet.wait_state(d, "v2 committed", T, |s| s.committed && s.version.as_deref() == Some("2.0.0"));
+    assert_eq!(forger.forged.load(Ordering::SeqCst), 2, "both forgeries were sent");
+    let log = agent_log(&w, d);
+    assert!(log.contains("download attempt 1 of 5 failed"), "{log}");
+    assert!(log.contains("download attempt 2 of 5 failed"), "{log}");
+    assert!(!log.contains("status: failed"), "{log}");
+}
+
+/// Forged "unavailable" replies pause a download only a bounded number of
+/// times: a burst of them delays it, a stream of them ends in a clean
+/// `failed` within a bound (the served version untouched). And a device
+/// restarted after giving up — the accepted directive retained, its bundle
+/// in neither slot — fetches it again instead of sitting without it.
+#[test]
+fn forged_unavailable_is_bounded_and_a_restart_fetches_again() {
+    let d = "dev-forged-unavailable";
+    let w = world(d);
+    let setup = w.setup(d).env("OUTPOST_CHUNK_SIZE", "4096").env("OUTPOST_DOWNLOAD_ATTEMPTS", "3");
+    let mut agent = setup.spawn();
+    agent.wait_http();
+    w.install_v1(&agent, d);
+    w.fleet.chunk_delay_ms.store(100, Ordering::SeqCst);
+    let unavailable =
+        |req: &outpost_runtime::protocol::ChunkRequest| outpost_runtime::protocol::ChunkReply::unavailable(req.bundle_sha256, req.offset, "forged");
+
+    // A burst: up to six rounds (each asks from byte 0 again), more than
+    // one attempt believes (4); the download still completes (the fleet's
+    // late answers to what is still asked for count too, so it may need
+    // fewer).
+    let v2 = w.v2.sha256;
+    let mut left = 6;
+    let forger = Forger::start(w.broker.port, d, move |req| {
+        (req.bundle_sha256 == v2 && req.offset == 0 && left > 0).then(|| {
+            left -= 1;
+            unavailable(req)
+        })
+    });
+    w.fleet.publish(&w.keys.signer, &directive(d, 2, &w.v2, 1));
+    agent.wait_version("2.0.0", T);
+    w.fleet.wait_state(d, "v2 committed", T, |s| s.committed && s.version.as_deref() == Some("2.0.0"));
+    assert!(forger.forged.load(Ordering::SeqCst) >= 1);
+    assert!(agent_log(&w, d).contains("download paused: the fleet cannot serve the bundle: forged"));
+    drop(forger);
+
+    // A stream: every round answered "unavailable", the fleet silent (a
+    // fleet that answers, even late, gets its genuine chunks accepted for
+    // whatever is still asked for). Given up after 3 attempts × 5 answers,
+    // each wait at most 1 s here.
+    let v3 = make_bundle(&w.keys, "bc_mlp.onnx", "bc", "3.0.0", 3);
+    w.fleet.add(&v3);
+    w.fleet.serving.store(false, Ordering::SeqCst);
+    let v3_digest = v3.sha256;
+    let forger = Forger::start(w.broker.port, d, move |req| (req.bundle_sha256 == v3_digest).then(|| unavailable(req)));
+    let started = Instant::now();
+    w.fleet.publish(&w.keys.signer, &directive(d, 3, &v3, 1));
+    let s = w.fleet.wait_state(d, "v3 given up", T, |s| {
+        s.directive_sequence == 3 && s.status == Status::Failed && s.target.is_none()
+    });
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(40), "gave up after {took:?}");
+    assert!(s.last_error.as_deref().is_some_and(|e| e.contains("gave up after 3")), "{s:?}");
+    assert!(forger.forged.load(Ordering::SeqCst) >= 15);
+    assert_eq!(agent.model_version().as_deref(), Some("2.0.0"));
+    assert_eq!(agent.predict().unwrap().0, 200);
+    drop(forger);
+    // Given up in this run: the retained directive arriving again on a
+    // reconnect is no news (no loop of attempts).
+    let requests = w.fleet.stats.requests.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(w.fleet.stats.requests.load(Ordering::SeqCst), requests);
+
+    // Restarted: the accepted directive 3 arrives retained, v3 is in
+    // neither slot, so the device fetches it again and ends on it.
+    agent.kill9();
+    w.fleet.chunk_delay_ms.store(0, Ordering::SeqCst);
+    w.fleet.serving.store(true, Ordering::SeqCst);
+    let agent = setup.spawn();
+    agent.wait_http();
+    agent.wait_version("3.0.0", T);
+    w.fleet.wait_state(d, "v3 committed", T, |s| s.committed && s.version.as_deref() == Some("3.0.0"));
+}
+
+/// Connects with the device's client id, which makes the broker drop the
+/// device's session (and publish its will), then leaves.
+fn take_over_session(port: u16, device: &str) {
+    let mut options = rumqttc::MqttOptions::new(device, "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(5));
+    let (client, mut connection) = rumqttc::Client::new(options, 10);
+    for event in connection.iter() {
+        match event {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                let _ = client.try_disconnect();
+            }
+            Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+            Ok(_) => {}
+            Err(e) => panic!("taking over the session: {e}"),
+        }
+    }
+}
+
+/// Every session's last will is signed, with a counter reserved before that
+/// session connected: two successive sessions (the broker drops each when
+/// another client takes over the device's client id) leave two wills that
+/// verify with the device's key, the second's counter above the first's.
+#[test]
+fn each_session_registers_a_fresh_signed_will() {
+    let d = "dev-will";
+    let w = world(d);
+    let agent = w.setup(d).spawn();
+    agent.wait_http();
+    w.install_v1(&agent, d);
+    for session in 1..=2 {
+        take_over_session(w.broker.port, d);
+        wait_for("the session's will", T, || w.fleet.wills.lock().unwrap().len() >= session);
+        // Back: a state signed in the next session.
+        let states = w.fleet.states_seen.load(Ordering::SeqCst);
+        wait_for("the agent to reconnect", T, || w.fleet.states_seen.load(Ordering::SeqCst) > states);
+    }
+    let wills = w.fleet.wills.lock().unwrap().clone();
+    assert_eq!(wills.len(), 2, "{wills:?}");
+    assert!(wills[1] > wills[0], "{wills:?}");
+    assert_eq!(w.fleet.wills_refused.load(Ordering::SeqCst), 0);
+    assert_eq!(agent.predict().unwrap().0, 200);
+}
+
+/// A disk that refuses writes at boot — here a directory where the state
+/// file's temporary copy goes, which no write can replace (root ignores
+/// permissions, so this is how a test makes a path unwritable) — does not
+/// stop the device: it serves its verified model, logs the error once, and
+/// saves its state (and signs messages again) once the disk takes writes.
+#[test]
+fn a_disk_refusing_writes_at_boot_does_not_stop_serving() {
+    let d = "dev-diskfull";
+    let w = world(d);
+    let setup = w.setup(d);
+    let mut agent = setup.spawn();
+    agent.wait_http();
+    w.install_v1(&agent, d);
+    agent.kill9();
+    let state_file = w.dir.path().join("state/state.json");
+    let reserved = |bytes: &[u8]| serde_json::from_slice::<serde_json::Value>(bytes).unwrap()["counter_reserved"].as_u64().unwrap();
+    let before = std::fs::read(&state_file).unwrap();
+    let obstacle = w.dir.path().join("state/state.tmp");
+    std::fs::create_dir(&obstacle).unwrap();
+
+    let agent = setup.spawn();
+    agent.wait_http();
+    wait_for("/ready", T, || http(agent.port, "GET", "/ready", None).is_ok_and(|(s, _)| s == 200));
+    assert_eq!(agent.model_version().as_deref(), Some("1.0.0"));
+    assert_eq!(agent.predict().unwrap().0, 200);
+    std::thread::sleep(Duration::from_secs(2)); // a few save retries
+    assert_eq!(std::fs::read(&state_file).unwrap(), before, "nothing half-written");
+    let log = agent_log(&w, d);
+    assert_eq!(log.matches("(retrying later)").count(), 1, "one line per distinct error:\n{log}");
+
+    let states = w.fleet.states_seen.load(Ordering::SeqCst);
+    std::fs::remove_dir(&obstacle).unwrap();
+    wait_for("the state saved again", T, || std::fs::read(&state_file).is_ok_and(|now| now != before));
+    assert!(reserved(&std::fs::read(&state_file).unwrap()) > reserved(&before), "a new counter block is reserved");
+    wait_for("signed state again", T, || w.fleet.states_seen.load(Ordering::SeqCst) > states);
+    assert_eq!(agent.predict().unwrap().0, 200);
+}

@@ -283,6 +283,13 @@ pub struct Fleet {
     /// Latest verified state per device.
     pub states: Arc<Mutex<HashMap<String, DeviceState>>>,
     pub offline_seen: Arc<AtomicUsize>,
+    /// Signed states accepted.
+    pub states_seen: Arc<AtomicUsize>,
+    /// Counters of the verified wills seen on the state topic, in order
+    /// (the broker's and the agent's goodbye).
+    pub wills: Arc<Mutex<Vec<u64>>>,
+    /// Bad will payloads seen (unsigned, forged, replayed).
+    pub wills_refused: Arc<AtomicUsize>,
     pub telemetry: Arc<Mutex<Vec<serde_json::Value>>>,
     pub sketches: Arc<AtomicUsize>,
     /// Delay before each chunk reply (to make downloads slow enough to interrupt).
@@ -303,6 +310,9 @@ impl Fleet {
             stats: Default::default(),
             states: Default::default(),
             offline_seen: Default::default(),
+            states_seen: Default::default(),
+            wills: Default::default(),
+            wills_refused: Default::default(),
             telemetry: Default::default(),
             sketches: Default::default(),
             chunk_delay_ms: Default::default(),
@@ -318,6 +328,8 @@ impl Fleet {
             fleet.chunk_delay_ms.clone(),
             fleet.serving.clone(),
         );
+        let (wills, wills_refused, states_seen) =
+            (fleet.wills.clone(), fleet.wills_refused.clone(), fleet.states_seen.clone());
         let device_id = device_id.to_string();
         std::thread::spawn(move || {
             let limits = Limits::default();
@@ -348,10 +360,19 @@ impl Fleet {
                             if let Ok(s) = m.open(id, &device_key, last, &limits) {
                                 last_counter.insert("state", m.counter());
                                 states.lock().unwrap().insert(id.to_string(), s);
+                                states_seen.fetch_add(1, Ordering::SeqCst);
                             }
                         }
-                        Ok(StatePayload::Offline) => {
-                            offline.fetch_add(1, Ordering::SeqCst);
+                        // Believed only signed, and above the last will counter.
+                        Ok(StatePayload::Will(m)) => {
+                            let last = last_counter.get("will").copied();
+                            if m.open(id, &device_key, last, &limits).is_ok() {
+                                last_counter.insert("will", m.counter());
+                                wills.lock().unwrap().push(m.counter());
+                                offline.fetch_add(1, Ordering::SeqCst);
+                            } else {
+                                wills_refused.fetch_add(1, Ordering::SeqCst);
+                            }
                         }
                         _ => {}
                     },
@@ -436,6 +457,76 @@ impl Fleet {
     }
 }
 
+// ---------------------------------------------------------------- an attacker
+
+/// A client that is not the fleet, answering the device's chunk requests
+/// before the fleet does: chunk requests are signed but not secret, and
+/// replies are unsigned, so anyone who may publish on the device's reply
+/// topic can do this (the broker ACL is another wall, not this one).
+/// `answer` sees each request (body decoded, signature not needed) and
+/// returns the forged reply to send, if any.
+pub struct Forger {
+    pub forged: Arc<AtomicUsize>,
+    client: Client,
+    stop: Arc<AtomicBool>,
+}
+
+impl Forger {
+    pub fn start(
+        broker_port: u16,
+        device_id: &str,
+        mut answer: impl FnMut(&ChunkRequest) -> Option<ChunkReply> + Send + 'static,
+    ) -> Forger {
+        let mut options = MqttOptions::new(format!("forger-{}", free_port()), "127.0.0.1", broker_port);
+        options.set_keep_alive(Duration::from_secs(5));
+        options.set_max_packet_size(4 << 20, 4 << 20);
+        let (client, mut connection) = Client::new(options, 1024);
+        let forged = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (count, publisher, device, stopped) = (forged.clone(), client.clone(), device_id.to_string(), stop.clone());
+        let (subscribed_tx, subscribed) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let limits = Limits::default();
+            for event in connection.iter() {
+                if stopped.load(Ordering::SeqCst) {
+                    return;
+                }
+                let p = match event {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = publisher.try_subscribe(topics::chunk_request(&device), QoS::AtLeastOnce);
+                        continue;
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = subscribed_tx.send(());
+                        continue;
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => p,
+                    Ok(_) => continue,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                };
+                let Ok(m) = DeviceSigned::<ChunkRequest>::from_bytes(&p.payload, &limits) else { continue };
+                let Ok(req) = m.decode_unverified(&limits) else { continue };
+                if let Some(reply) = answer(&req) {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let _ = publisher.publish(topics::chunk_data(&device), QoS::AtLeastOnce, false, reply.to_bytes());
+                }
+            }
+        });
+        subscribed.recv_timeout(Duration::from_secs(10)).expect("the forger subscribed");
+        Forger { forged, client, stop }
+    }
+}
+
+impl Drop for Forger {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.client.try_disconnect();
+    }
+}
+
 // ---------------------------------------------------------------- the agent
 
 pub struct AgentProc {
@@ -494,6 +585,10 @@ impl AgentSetup {
             .env("OUTPOST_RECONNECT_MIN_MS", "100")
             .env("OUTPOST_RECONNECT_MAX_MS", "1000")
             .env("OUTPOST_CHUNK_TIMEOUT_SECS", "2")
+            // Downloads that do not verify are fetched again after 100 ms to
+            // 1 s (the defaults are 1 s to 60 s), so refusal tests stay fast.
+            .env("OUTPOST_DOWNLOAD_RETRY_MIN_MS", "200")
+            .env("OUTPOST_DOWNLOAD_RETRY_MAX_MS", "1000")
             .env("RUST_LOG", "info")
             .env_remove("OUTPOST_TEST_PAUSE_AT")
             .env_remove("NOTIFY_SOCKET")

@@ -10,7 +10,7 @@
 //! one (its `agent.toml`, with its own broker password and ed25519 key, is
 //! written to `STATE_DIR/ID/`), is loaded with the agent's own config code,
 //! and opens **its own MQTT connection** with the agent's options (client id,
-//! clean session, retained offline will). It then runs the agent's update
+//! clean session, signed retained last will). It then runs the agent's update
 //! state machine ([`device`]): verify directives against the pinned root,
 //! download and verify bundles chunk by chunk with the agent's downloader,
 //! report signed state, telemetry and sketches. Only inference is left out
@@ -223,7 +223,16 @@ impl Simulation {
         let (senders, receivers): (Vec<Sender<Work>>, Vec<Receiver<Work>>) = (0..workers).map(|_| channel()).unzip();
         let mut shards: Vec<Vec<SimDevice>> = (0..workers).map(|_| Vec::with_capacity(n / workers + 1)).collect();
         for (i, config) in configs.into_iter().enumerate() {
-            let options = outpost_agent::link::mqtt_options(&config)
+            // The agent's signed last will, with a counter from the clock
+            // as the simulated device's own (see `device`).
+            let will_counter = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_micros() as u64)
+                .unwrap_or(1);
+            let will = outpost_agent::link::last_will(&config.device_id, will_counter, &config.device_key)
+                .map_err(|e| log::warn!("{}: no last will: {e}", config.device_id))
+                .ok();
+            let options = outpost_agent::link::mqtt_options(&config, will)
                 .map_err(|source| SimError::Link { device: config.device_id.clone(), source })?;
             let (client, eventloop) = {
                 let _guard = runtime.enter();

@@ -14,7 +14,7 @@
 //!
 //! # Wire formats
 //!
-//! JSON kinds ([`Encoding::Json`]: state, telemetry) stay readable by any
+//! JSON kinds ([`Encoding::Json`]: state, will, telemetry) stay readable by any
 //! dashboard; the body is embedded as is and its exact bytes are what the
 //! signature covers:
 //!

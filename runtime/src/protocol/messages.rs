@@ -15,10 +15,8 @@ pub const TELEMETRY_FORMAT: u32 = 1;
 /// The sketch message format this build writes and reads.
 pub const SKETCH_FORMAT: u32 = 1;
 
-/// The last will a device registers on its `state` topic (retained): the
-/// broker publishes it when the connection drops. Unsigned — see the module
-/// docs of [`protocol`](super).
-pub const OFFLINE_WILL: &[u8] = br#"{"status":"offline"}"#;
+/// The will format this build writes and reads.
+pub const WILL_FORMAT: u32 = 1;
 
 /// Where a device is in the update lifecycle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -42,7 +40,7 @@ pub enum Status {
     /// The last directive could not be carried out (`last_error` says why);
     /// the device serves what it had.
     Failed,
-    /// Only ever in the last will.
+    /// Only ever in a [`DeviceWill`].
     Offline,
 }
 
@@ -162,26 +160,97 @@ impl DeviceMessage for DeviceState {
     }
 }
 
-/// What arrives on a `state` topic: a signed state, or the broker's
-/// unsigned last will.
+/// The last will a device registers on its `state` topic (retained, QoS 1),
+/// signed like everything else it says: before every (re)connection the
+/// agent reserves a fresh counter for it and signs it with the device key,
+/// so the broker can publish it when the connection drops and the fleet can
+/// still tell it from a forgery or a replay (a will is accepted only with a
+/// counter above the last will counter accepted). The agent also publishes
+/// one itself when it says goodbye cleanly (a clean DISCONNECT suppresses
+/// the broker's). Its own kind, so its counter is tracked apart from
+/// state's: a will signed at connect time carries a counter below the
+/// states the session then published.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceWill {
+    /// Always [`WILL_FORMAT`].
+    pub format: u32,
+    /// Always [`Status::Offline`].
+    pub status: Status,
+}
+
+impl DeviceWill {
+    /// The one will there is: "this device's connection is gone". The
+    /// agent and the fleet simulator both build theirs with this.
+    pub fn offline() -> DeviceWill {
+        DeviceWill { format: WILL_FORMAT, status: Status::Offline }
+    }
+
+    /// [`offline`](Self::offline), signed by `key` as device `device_id`
+    /// with `counter` (reserved for this will from the device's counter).
+    pub fn signed(
+        device_id: &str,
+        counter: u64,
+        key: &crate::bundle::SecretKey,
+    ) -> Result<DeviceSigned<DeviceWill>, ProtocolError> {
+        DeviceSigned::sign(device_id, counter, &DeviceWill::offline(), key)
+    }
+}
+
+impl DeviceMessage for DeviceWill {
+    const KIND: &'static str = "will";
+    const ENCODING: Encoding = Encoding::Json;
+    const FORMAT: u32 = WILL_FORMAT;
+
+    fn max_bytes(limits: &Limits) -> u64 {
+        limits.state_bytes as u64
+    }
+
+    fn validate(&self, _limits: &Limits) -> Result<(), String> {
+        if self.status != Status::Offline {
+            return Err(format!("a will says \"offline\", not {:?}", self.status.as_str()));
+        }
+        Ok(())
+    }
+}
+
+/// What arrives on a `state` topic: a signed state, a signed last will, or
+/// an empty retained message. Nothing unsigned.
 #[derive(Debug)]
 pub enum StatePayload {
     Signed(DeviceSigned<DeviceState>),
-    /// The last will: the connection dropped.
-    Offline,
+    /// The signed last will: the connection dropped (or the device said
+    /// goodbye). Believe it only once [`DeviceSigned::open`] passed with the
+    /// last accepted *will* counter.
+    Will(DeviceSigned<DeviceWill>),
     /// An empty retained message (someone cleared the topic).
     Cleared,
 }
 
-/// Tells the signed state from the last will.
+/// Tells a signed state from a signed will by the envelope's `kind` (size
+/// checked first). Anything unsigned — such as the old
+/// `{"status":"offline"}` will — is refused.
 pub fn parse_state_payload(bytes: &[u8], limits: &Limits) -> Result<StatePayload, ProtocolError> {
     if bytes.is_empty() {
         return Ok(StatePayload::Cleared);
     }
-    if bytes == OFFLINE_WILL {
-        return Ok(StatePayload::Offline);
+    super::check_size("state", bytes, limits.state_bytes as u64)?;
+    #[derive(Deserialize)]
+    struct Kind<'a> {
+        #[serde(borrow)]
+        kind: Option<std::borrow::Cow<'a, str>>,
     }
-    DeviceSigned::from_bytes(bytes, limits).map(StatePayload::Signed)
+    let kind = serde_json::from_slice::<Kind>(bytes)
+        .map_err(|e| ProtocolError::Malformed { what: "state", reason: e.to_string() })?
+        .kind;
+    match kind.as_deref() {
+        Some(k) if k == DeviceWill::KIND => DeviceSigned::from_bytes(bytes, limits).map(StatePayload::Will),
+        Some(k) if k == DeviceState::KIND => DeviceSigned::from_bytes(bytes, limits).map(StatePayload::Signed),
+        Some(other) => Err(ProtocolError::Malformed { what: "state", reason: format!("kind {other:?} on a state topic") }),
+        None => Err(ProtocolError::Malformed {
+            what: "state",
+            reason: "not a device-signed envelope (unsigned messages are refused)".into(),
+        }),
+    }
 }
 
 /// Drift verdicts of the window, for telemetry.
@@ -263,21 +332,42 @@ impl LatencySketch {
         if self.buckets_log2_us.len() < other.buckets_log2_us.len() {
             self.buckets_log2_us.resize(other.buckets_log2_us.len(), 0);
         }
+        // Saturating: the counts come from devices, and a device that claims
+        // u64::MAX must not overflow the fleet's sum (a panic in a debug
+        // build, a wrap to a tiny count in release).
         for (a, b) in self.buckets_log2_us.iter_mut().zip(&other.buckets_log2_us) {
-            *a += *b;
+            *a = a.saturating_add(*b);
         }
+    }
+
+    /// Every count in the sketch, added (saturating).
+    pub fn total(&self) -> u64 {
+        self.buckets_log2_us.iter().fold(0u64, |t, n| t.saturating_add(*n))
+    }
+
+    /// The same shape with every count scaled by `factor` (0..=1), rounded
+    /// down but keeping a non-empty bucket non-empty: how the fleet caps
+    /// what one device's sketch weighs in a merge.
+    pub fn scaled(&self, factor: f64) -> LatencySketch {
+        let factor = if factor.is_finite() { factor.clamp(0.0, 1.0) } else { 0.0 };
+        let buckets = self
+            .buckets_log2_us
+            .iter()
+            .map(|&n| if n == 0 { 0 } else { ((n as f64 * factor) as u64).max(1) })
+            .collect();
+        LatencySketch { buckets_log2_us: buckets }
     }
 
     /// Upper bound of the `q` quantile, in µs.
     pub fn quantile_us(&self, q: f64) -> Option<u64> {
-        let total: u64 = self.buckets_log2_us.iter().sum();
+        let total = self.total();
         if total == 0 {
             return None;
         }
         let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
-        let mut seen = 0;
+        let mut seen = 0u64;
         for (i, n) in self.buckets_log2_us.iter().enumerate() {
-            seen += n;
+            seen = seen.saturating_add(*n);
             if seen >= rank {
                 return Some(1u64 << (i + 1).min(63));
             }
@@ -337,12 +427,28 @@ mod tests {
     #[test]
     fn will_and_signed_state_are_told_apart() {
         let l = Limits::default();
-        assert!(matches!(parse_state_payload(OFFLINE_WILL, &l), Ok(StatePayload::Offline)));
         assert!(matches!(parse_state_payload(b"", &l), Ok(StatePayload::Cleared)));
         let key = SecretKey::from_seed([1; 32]);
         let bytes = DeviceSigned::sign("d", 1, &DeviceState::new(Status::Idle), &key).unwrap().to_bytes();
         assert!(matches!(parse_state_payload(&bytes, &l), Ok(StatePayload::Signed(_))));
-        assert!(parse_state_payload(b"{\"status\":\"serving\"}", &l).is_err());
+        let will = DeviceWill::signed("d", 2, &key).unwrap().to_bytes();
+        let Ok(StatePayload::Will(w)) = parse_state_payload(&will, &l) else { panic!("a signed will") };
+        assert_eq!(w.open("d", &key.public_key(), Some(1), &l).unwrap(), DeviceWill::offline());
+        // Its own counter sequence: a replayed will is refused.
+        assert!(matches!(w.open("d", &key.public_key(), Some(2), &l), Err(ProtocolError::Replay { .. })));
+        // Nothing unsigned passes, the old will included.
+        for unsigned in [&br#"{"status":"offline"}"#[..], br#"{"status":"serving"}"#, b"offline", br#"{"kind":"telemetry"}"#] {
+            assert!(parse_state_payload(unsigned, &l).is_err(), "{}", String::from_utf8_lossy(unsigned));
+        }
+        // A will that says anything but "offline" cannot even be signed.
+        let lying = DeviceSigned::sign("d", 3, &DeviceWill { format: WILL_FORMAT, status: Status::Serving }, &key);
+        assert!(lying.is_err());
+        // A will cannot pass as a state, nor a state as a will.
+        assert!(DeviceSigned::<DeviceState>::from_bytes(&will, &l).is_err());
+        assert!(DeviceSigned::<DeviceWill>::from_bytes(&bytes, &l).is_err());
+        // Oversized payloads are refused before parsing.
+        let tight = Limits { state_bytes: 16, ..l };
+        assert!(matches!(parse_state_payload(&will, &tight), Err(ProtocolError::TooLarge { .. })));
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! | topic | direction | retained | QoS | payload |
 //! |---|---|---|---|---|
 //! | `devices/{id}/desired` | fleet → device | yes | 1 | [`Directive`] sealed by the online key (postcard [`Envelope`](crate::bundle::Envelope)) |
-//! | `devices/{id}/state` | device → fleet | yes | 1 | [`DeviceSigned`]`<`[`DeviceState`]`>` (JSON); last will [`OFFLINE_WILL`] |
+//! | `devices/{id}/state` | device → fleet | yes | 1 | [`DeviceSigned`]`<`[`DeviceState`]`>` (JSON); last will [`DeviceSigned`]`<`[`DeviceWill`]`>` (JSON) |
 //! | `devices/{id}/telemetry` | device → fleet | no | 0/1 | [`DeviceSigned`]`<`[`Telemetry`]`>` (JSON) |
 //! | `devices/{id}/sketch` | device → fleet | no | 1 | [`DeviceSigned`]`<`[`SketchMessage`]`>` (postcard) |
 //! | `devices/{id}/chunks/request` | device → fleet | no | 1 | [`DeviceSigned`]`<`[`ChunkRequest`]`>` (postcard) |
@@ -32,10 +32,16 @@
 //!   high-water mark), so it rises within each kind too; tracking it per kind
 //!   keeps messages valid when the broker reorders *across* topics. Broker
 //!   topic ACLs are a second wall, never the first.
-//!   The one unsigned message is the last will, [`OFFLINE_WILL`]: the
-//!   broker publishes it, so no device key can sign it at that moment. It
-//!   claims nothing but "the connection dropped"; treat it as a liveness
-//!   hint, superseded by the next signed state.
+//!   The last will is signed too ([`DeviceWill`], its own kind `will`):
+//!   the broker publishes it when the connection drops, so it is signed at
+//!   connect time — before every (re)connection the agent reserves a fresh
+//!   counter from its persisted device-wide counter for the will of that
+//!   session and registers the signed will with the broker. The fleet
+//!   accepts a will only if its counter is above the last *will* counter it
+//!   accepted from that device (and the signature is the device's), so an
+//!   old will replayed, or one a client made up, changes nothing. Nothing
+//!   unsigned on a `state` topic is believed ([`parse_state_payload`]
+//!   refuses it).
 //! - **Fleet → device.** A [`Directive`] is signed by the fleet's *online*
 //!   key and carries that key's certificate, so a device checks it against
 //!   the root key it pinned at flash time ([`verify_directive`]). A device
@@ -73,8 +79,8 @@ pub use chunks::{ChunkReply, ChunkRequest, CHUNK_FORMAT};
 pub use device::{DeviceMessage, DeviceSigned, Encoding, DEVICE_ENVELOPE_FORMAT};
 pub use directive::{verify_directive, Directive, Probation, DIRECTIVE_FORMAT};
 pub use messages::{
-    parse_state_payload, DeviceState, DriftSummary, LatencySketch, ModelRef, SketchMessage, StatePayload, Status,
-    Telemetry, OFFLINE_WILL, SKETCH_FORMAT, STATE_FORMAT, TELEMETRY_FORMAT,
+    parse_state_payload, DeviceState, DeviceWill, DriftSummary, LatencySketch, ModelRef, SketchMessage, StatePayload,
+    Status, Telemetry, SKETCH_FORMAT, STATE_FORMAT, TELEMETRY_FORMAT, WILL_FORMAT,
 };
 pub use topics::ROOT;
 

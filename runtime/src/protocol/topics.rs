@@ -15,7 +15,7 @@ pub const ROOT: &str = "outpost/v1";
 pub enum Kind {
     /// fleet → device, retained: the signed directive.
     Desired,
-    /// device → fleet, retained: signed JSON state; last will "offline".
+    /// device → fleet, retained: signed JSON state; the signed last will (`DeviceWill`).
     State,
     /// device → fleet: signed JSON telemetry.
     Telemetry,
