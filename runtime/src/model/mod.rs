@@ -41,6 +41,13 @@ pub use convert::{EdgeQuantization, InputAdapter, OutputAdapter};
 /// before the file is read.
 pub const MAX_MODEL_BYTES: u64 = tflite_rewrite::MAX_MODEL_BYTES as u64;
 
+/// Most elements one sample of one input may declare (2^28: 1 GiB of f32).
+/// The warm-up and the self-test allocate a sample of every input, so a
+/// model declaring more — `[N, 2^40]` — is refused at load time instead of
+/// aborting the process on that allocation (found by fuzzing,
+/// runtime/tests/fuzz_models.rs).
+pub const MAX_SAMPLE_ELEMENTS: usize = 1 << 28;
+
 type Plan = TypedSimplePlan;
 type State = TypedSimpleState;
 
@@ -244,6 +251,21 @@ impl Model {
                 .map(str::to_string)
                 .unwrap_or_else(|| typed.node(outlet.node).name.clone());
             output_specs.push(convert::spec_for(&name, fact, &outputs[ix], "output")?);
+        }
+        for spec in &input_specs {
+            // Free dimensions count as 1, as in `zero_inputs`.
+            let elements = spec
+                .shape
+                .iter()
+                .try_fold(1usize, |acc, d| acc.checked_mul(d.map_or(Some(1), |d| usize::try_from(d).ok())?));
+            if elements.is_none_or(|n| n > MAX_SAMPLE_ELEMENTS) {
+                return Err(LoadError::Prepare {
+                    reason: format!(
+                        "input {:?} declares shape {:?}: more than {MAX_SAMPLE_ELEMENTS} elements per sample",
+                        spec.name, spec.shape
+                    ),
+                });
+            }
         }
         let native_batch = input_specs.iter().all(TensorSpec::has_batch_dim);
         let plan = typed.into_runnable().map_err(prepare_err)?;

@@ -118,7 +118,8 @@ fn integer_matmuls_as_float(proto: &mut pb::ModelProto) {
             }
             _ => return None,
         };
-        let len: i64 = t.dims.iter().product();
+        // Checked: the dims come from the file and may overflow.
+        let len = t.dims.iter().try_fold(1i64, |acc, d| acc.checked_mul(*d))?;
         (len == values.len() as i64).then(|| (t.dims.clone(), values))
     };
     let mut ix = 0;

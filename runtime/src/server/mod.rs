@@ -40,6 +40,7 @@
 
 pub mod batching;
 pub mod config;
+pub mod decode;
 pub mod error;
 pub mod handler;
 pub mod memory;
