@@ -74,6 +74,8 @@ pub struct SimDevice {
     ever_connected: bool,
     status: Status,
     counter: u64,
+    /// Where the next session's signed will goes (see `outpost_agent::link`).
+    next_will: Arc<outpost_agent::link::NextWill>,
     last_sequence: Option<u64>,
     min_certificate_serial: u64,
     accepted_envelope: Option<Digest>,
@@ -107,7 +109,13 @@ fn now_ms() -> u64 {
 impl SimDevice {
     /// `first_telemetry` spreads the devices' telemetry over the interval,
     /// as devices booted at different times would.
-    pub fn new(config: AgentConfig, client: AsyncClient, stats: Arc<Stats>, first_telemetry: Duration) -> SimDevice {
+    pub fn new(
+        config: AgentConfig,
+        client: AsyncClient,
+        stats: Arc<Stats>,
+        first_telemetry: Duration,
+        next_will: Arc<outpost_agent::link::NextWill>,
+    ) -> SimDevice {
         let counter = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
@@ -123,6 +131,7 @@ impl SimDevice {
             ever_connected: false,
             status: Status::Idle,
             counter,
+            next_will,
             last_sequence: None,
             min_certificate_serial: 0,
             accepted_envelope: None,
@@ -190,6 +199,12 @@ impl SimDevice {
                 self.connected = false;
                 if let Some(d) = &mut self.download {
                     d.reset_in_flight();
+                }
+                // The session's will may be spent: sign the next one.
+                self.counter += 1;
+                match outpost_agent::link::last_will(&self.config.device_id, self.counter, &self.config.device_key) {
+                    Ok(will) => self.next_will.offer(will),
+                    Err(e) => log::error!("{}: signing the last will: {e}", self.config.device_id),
                 }
             }
             LinkEvent::Message { topic, payload } => match topics::parse(&topic) {

@@ -232,6 +232,9 @@ impl Simulation {
             let will = outpost_agent::link::last_will(&config.device_id, will_counter, &config.device_key)
                 .map_err(|e| log::warn!("{}: no last will: {e}", config.device_id))
                 .ok();
+            // Later sessions' wills: signed by the device when a session
+            // drops, put into the options before reconnecting, as the agent.
+            let next_will = Arc::new(outpost_agent::link::NextWill::default());
             let options = outpost_agent::link::mqtt_options(&config, will)
                 .map_err(|source| SimError::Link { device: config.device_id.clone(), source })?;
             let (client, eventloop) = {
@@ -251,10 +254,11 @@ impl Simulation {
                 delay,
                 reconnect: (config.reconnect_min, config.reconnect_max),
                 stop: stop.clone(),
+                next_will: next_will.clone(),
             };
             runtime.spawn(link.run(eventloop));
             let first_telemetry = config.telemetry_interval.mul_f64((i as f64 + 0.5) / n as f64);
-            shards[w].push(SimDevice::new(config, client, stats.clone(), first_telemetry));
+            shards[w].push(SimDevice::new(config, client, stats.clone(), first_telemetry, next_will));
         }
         let mut handles = Vec::with_capacity(workers);
         for (w, (devices, rx)) in shards.into_iter().zip(receivers).enumerate() {
@@ -308,6 +312,7 @@ struct Connection {
     delay: Duration,
     reconnect: (Duration, Duration),
     stop: Arc<AtomicBool>,
+    next_will: Arc<outpost_agent::link::NextWill>,
 }
 
 impl Connection {
@@ -335,6 +340,9 @@ impl Connection {
                     }
                     // Jittered exponential backoff, as the agent's link.
                     tokio::time::sleep(outpost_agent::link::jittered(backoff)).await;
+                    if let Some(will) = self.next_will.take(Duration::ZERO) {
+                        eventloop.mqtt_options.set_last_will(will);
+                    }
                     backoff = (backoff * 2).min(max);
                     continue;
                 }
