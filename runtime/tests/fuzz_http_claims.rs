@@ -190,3 +190,25 @@ fn nesting_deeper_than_the_parser_allows_is_a_400() {
     assert_eq!(r.status, 422, "{}", r.text());
     assert_still_serves(addr);
 }
+
+/// The MQTT streaming mode decodes payloads with the same decoder: the claim
+/// (160 000^3 = 4e15 elements, under the 1 MiB payload limit) is an error
+/// reply, and the core keeps predicting.
+#[test]
+fn a_streamed_message_claiming_4e15_elements_is_an_error_reply() {
+    use outpost_runtime::stream::{InMessage, StreamConfig, StreamCore, SubmitOutcome};
+    use std::time::Duration;
+    let slot = Arc::new(ModelSlot::with(deployed("bc_mlp.onnx")));
+    let (core, replies) = StreamCore::start(slot, StreamConfig::default()).expect("core starts");
+    let submitter = core.submitter();
+    let payload = format!("{{\"id\":1,\"features\":{}}}", claiming(160_000, 3));
+    assert!(payload.len() < 1024 * 1024, "{} bytes", payload.len());
+    assert_eq!(submitter.submit(InMessage::new("sensors/1/reading", payload)), SubmitOutcome::Queued);
+    let reply = replies.recv_timeout(Duration::from_secs(20)).expect("answered");
+    assert!(reply.is_error, "{}", String::from_utf8_lossy(&reply.payload));
+    let (rows, _) = bc_test_rows();
+    let good = json!({"id": 2, "features": rows[0]}).to_string();
+    assert_eq!(submitter.submit(InMessage::new("sensors/1/reading", good)), SubmitOutcome::Queued);
+    let reply = replies.recv_timeout(Duration::from_secs(20)).expect("answered");
+    assert!(!reply.is_error, "{}", String::from_utf8_lossy(&reply.payload));
+}
