@@ -254,10 +254,9 @@ impl FleetConfig {
             None => match &broker {
                 BrokerMode::External { url, .. } => url.clone(),
                 BrokerMode::Embedded { listen, tls, .. } => {
-                    // 0.0.0.0 is no address a device can dial, and a loopback
-                    // broker serves only this machine: say "localhost" rather
-                    // than write an address that looks meant for devices.
-                    let host = if listen.ip().is_unspecified() || listen.ip().is_loopback() {
+                    // 0.0.0.0 is no address a device can dial: say so
+                    // rather than write an agent config that cannot connect.
+                    let host = if listen.ip().is_unspecified() {
                         "localhost".to_string()
                     } else {
                         listen.ip().to_string()
@@ -321,7 +320,7 @@ mod tests {
         let listen: SocketAddr = DEFAULT_BROKER_LISTEN.parse().expect("addr");
         assert!(listen.ip().is_loopback() && listen.port() == 1883, "loopback, the usual port");
         assert_eq!(c.broker, BrokerMode::Embedded { listen, tls: None, dashboard_password: None });
-        assert_eq!(c.public_broker_url.to_string(), "mqtt://localhost:1883");
+        assert_eq!(c.public_broker_url.to_string(), "mqtt://127.0.0.1:1883");
         assert_eq!(c.api_listen.to_string(), DEFAULT_API_LISTEN);
     }
 

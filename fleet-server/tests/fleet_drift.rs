@@ -129,12 +129,13 @@ fn fleet_drift_view_merges_real_sketches_and_alerts() {
     let reference = reference_of(&fleet, "1.0.0");
     let steady = fleet.provision("steady");
     let shifted = fleet.provision("shifted");
-    let watcher = fleet.provision("watcher");
+    let _watcher = fleet.provision("watcher");
 
-    // A dashboard's view of the fleet topics (any authenticated client may
-    // subscribe on the embedded broker).
-    let (wclient, mut wconn) = mqtt(fleet.broker_port, &watcher.id, &watcher.id, &watcher.password);
-    wait_connack(&mut wconn).expect("watcher connects");
+    // A dashboard's view of the fleet topics, through the broker's read-only
+    // `dashboard` identity (a device may not read them). The watcher device
+    // only shows in the device list.
+    let (wclient, mut wconn) = mqtt(fleet.broker_port, "dashboard", "dashboard", DASHBOARD_PASSWORD);
+    wait_connack(&mut wconn).expect("the dashboard connects");
     wclient.subscribe("outpost/v1/fleet/#", rumqttc::QoS::AtLeastOnce).expect("subscribe");
     wait_publish(&mut wconn, Duration::from_millis(500), |_| false);
 

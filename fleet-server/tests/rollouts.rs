@@ -211,8 +211,9 @@ impl Lab {
     /// subscribe anywhere on the embedded broker), subscribed to `filter`;
     /// a thread keeps its connection alive and hands over what arrives.
     fn observer(&self, filter: &str) -> Observer {
-        let creds = self.fleet.provision(&format!("observer-{}", free_port()));
-        let (client, mut conn) = mqtt(self.fleet.broker_port, &creds.id, &creds.id, &creds.password);
+        // The broker's read-only dashboard identity: a device may not read
+        // the fleet's topics. (One at a time: it is one client id.)
+        let (client, mut conn) = mqtt(self.fleet.broker_port, "dashboard", "dashboard", DASHBOARD_PASSWORD);
         wait_connack(&mut conn).expect("observer connects");
         client.subscribe(filter, rumqttc::QoS::AtLeastOnce).expect("subscribe");
         let (tx, rx) = std::sync::mpsc::channel();

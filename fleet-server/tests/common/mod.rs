@@ -14,6 +14,9 @@ use outpost_runtime::bundle::{PublicKey, SecretKey};
 use serde_json::{json, Value};
 
 pub const TOKEN: &str = "test-token-0123456789abcdef";
+/// The embedded broker's read-only `dashboard` identity (`[broker]
+/// dashboard_password`): it may read `outpost/v1/fleet/#`, nothing else.
+pub const DASHBOARD_PASSWORD: &str = "test-dashboard-password-0123";
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
@@ -53,7 +56,7 @@ impl Fleet {
         let broker = if self.extra_config.contains("[broker]") {
             String::new()
         } else {
-            format!("[broker]\nlisten = \"127.0.0.1:{}\"\n", self.broker_port)
+            format!("[broker]\nlisten = \"127.0.0.1:{}\"\ndashboard_password = \"{DASHBOARD_PASSWORD}\"\n", self.broker_port)
         };
         format!(
             "data_dir = \"data\"\napi_listen = \"127.0.0.1:{}\"\napi_token = \"{TOKEN}\"\nkeys_dir = \"keys\"\n{}\n{broker}",
