@@ -635,6 +635,12 @@ impl Agent {
         let Some(download) = self.download.take() else { return };
         let directive = download.directive().clone();
         download.discard();
+        self.retry_from_scratch(directive, reason);
+    }
+
+    /// An attempt at `directive`'s bundle failed and its bytes are gone:
+    /// start again after a backoff, or give up after the last attempt.
+    fn retry_from_scratch(&mut self, directive: Directive, reason: String) {
         self.fetch = None;
         match self.attempts.attempt_failed() {
             Next::RetryIn(wait) => {
@@ -696,19 +702,7 @@ impl Agent {
             // whole file hashes wrong. Drop it, fetch again (bounded).
             Err(e) => {
                 let _ = std::fs::remove_file(self.slots.part_path(self.slots.inactive()));
-                match self.attempts.attempt_failed() {
-                    Next::RetryIn(wait) => {
-                        let reason = format!(
-                            "download attempt {} of {} failed: {e}; downloading again in {wait:?}",
-                            self.attempts.failed(),
-                            self.attempts.policy().attempts
-                        );
-                        log::warn!("{reason}");
-                        self.slots_error(reason);
-                        self.start_download(directive, Some(wait));
-                    }
-                    Next::GiveUp => self.give_up_download(e.to_string()),
-                }
+                self.retry_from_scratch(directive, e.to_string());
             }
         }
     }

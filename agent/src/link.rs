@@ -139,7 +139,7 @@ impl Link {
                     let input = match notification {
                         Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                             backoff = min;
-                            will_spent = true;
+                            will_spent = connection.eventloop.mqtt_options.last_will().is_some();
                             log::info!("connected to the broker ({:?})", ack.code);
                             Some(LinkEvent::Connected)
                         }
