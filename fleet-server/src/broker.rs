@@ -73,7 +73,7 @@
 //! | `router.max_outgoing_packet_count` | 200 | packets per connection per scheduling round (rumqttd default) |
 //! | `connections.max_payload_size` | the protocol's largest message (~1 MiB) | a 1 MiB sketch or chunk reply plus framing; larger packets close the connection (buffers grow to it only when used) |
 //! | `connections.max_inflight_count` | 100 | QoS 1 messages in flight per connection |
-//! | `connections.connection_timeout_ms` | 10,000 | a socket that sends no CONNECT within 10 s is dropped (idle-socket DoS) |
+//! | `connections.connection_timeout_ms` | 10,000 | a socket that sends no CONNECT (or, with TLS, does not finish its handshake) within 10 s is dropped (idle-socket DoS) |
 //! | `next_connection_delay_ms` | 0 | rumqttd sleeps this long after each accept; any delay caps reconnect storms at 1,000 devices/s |
 //!
 //! Fixed by rumqttd, not configurable: per connection about 2 × 10 KiB

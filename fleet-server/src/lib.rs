@@ -12,7 +12,8 @@
 //! - [`bundles`]: content-addressed bundle files under `data_dir/bundles/`.
 //! - [`publish`]: the publish gate (accuracy, data width, signing, storing).
 //! - [`provisioning`]: registering devices and writing their agent config.
-//! - [`broker`]: the embedded MQTT broker and who may connect to it.
+//! - [`broker`]: the embedded MQTT broker and who may connect to it;
+//!   [`acl`]: what each client may publish and subscribe to there.
 //! - [`drift_cmd`]: `outpost-fleet drift`.
 //! - [`fleet_view`]: the drift view, device list and summary from observations;
 //!   [`fleet_feed`]: the summary and alerts on MQTT for dashboards.
