@@ -6,8 +6,8 @@
 //! | GET `/health` | – | 200 `{"status":"healthy"}` while the process serves |
 //! | GET `/ready` | – | 200 `{"status":"ready"}` once the registry is open and the MQTT link is up, else 503 with the reason (naming any server thread that stopped) |
 //! | GET `/metrics` | – | Prometheus text (see [`crate::metrics`]) |
-//! | GET `/v1/devices` | ✓ | `{"devices":[…]}` |
-//! | GET `/v1/devices/{id}` | ✓ | one device, with its current directive |
+//! | GET `/v1/devices` | ✓ | `{"devices":[…]}` (decommissioned devices left out) |
+//! | GET `/v1/devices/{id}` | ✓ | one device, with its current directive (a decommissioned one with `decommissioned_at`) |
 //! | POST `/v1/devices` | ✓ | provision: `{"device_id","tags":[…],"state_dir"?,"listen"?}` → 201 with the agent config (a decommissioned id gets new keys and credentials) |
 //! | POST `/v1/devices/{id}/decommission`, DELETE `/v1/devices/{id}` | ✓ | decommission: credential and key revoked, caches dropped, retained directive cleared → `{"device","decommissioned":true,"already":bool}`; 404 for an unknown id |
 //! | GET `/v1/models` | ✓ | `{"versions":[…]}` |
@@ -575,10 +575,11 @@ fn rollback(fleet: &Fleet, req: &mut Request, actor: &str) -> Reply {
 /// Decommissions a device (`outpost-fleet decommission`): the registry
 /// empties its credential and key and drops its directive; the link forgets
 /// its key, counters and presence, so everything it signs is rejected from
-/// now on; the broker forgets its cached credential, so it cannot connect
-/// again; its retained directive is cleared. A session open at that moment
-/// can still read its own topics until it drops, and nothing it publishes
-/// is believed.
+/// now on; the embedded broker revokes it (cached credential dropped, an
+/// open session closed at its next packet or ping), so it cannot connect
+/// again; its retained directive is cleared. With an external broker the
+/// operator removes the credential there; nothing the device publishes is
+/// believed either way.
 fn decommission(fleet: &Fleet, id: &str, actor: &str) -> Reply {
     let newly = match fleet.registry.decommission(id) {
         Ok(n) => n,
@@ -593,7 +594,7 @@ fn decommission(fleet: &Fleet, id: &str, actor: &str) -> Reply {
     };
     fleet.inbox.forget(id);
     if let Some(auth) = &fleet.broker_auth {
-        auth.forget(id);
+        auth.revoke(id);
     }
     // An empty retained message removes the retained directive.
     let cleared = fleet.link.client.try_publish(

@@ -678,7 +678,8 @@ pub fn start(
             [Kind::State, Kind::Telemetry, Kind::Sketch, Kind::ChunkRequest].into_iter().map(topics::all).collect();
         let mut limiter = Limiter::new(rates);
         for event in connection.iter() {
-            let go_on = sup.guard("the MQTT event loop", || match event {
+            // A panic on one event costs that event; the loop goes on.
+            sup.guard("the MQTT event loop", || match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     log::info!("mqtt: connected to {}:{}", opts.host, opts.port);
                     for f in &filters {
@@ -694,7 +695,6 @@ pub fn start(
                     let _ = std::thread::Builder::new().name("mqtt-on-connect".into()).spawn(move || {
                         crate::supervisor::guarded("the on-connect hook", || hook(&c));
                     });
-                    true
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let parsed = topics::parse(&p.topic);
@@ -703,7 +703,7 @@ pub fn start(
                     if let Some((device, kind)) = parsed {
                         if !limiter.admit(device, kind, Instant::now(), |d| inbox.knows(d)) {
                             metrics.mqtt_result(kind_label(kind), "rate_limited");
-                            return true;
+                            return;
                         }
                     }
                     let worker = parsed.map(|(id, _)| shard(id, WORKERS)).unwrap_or(0);
@@ -725,30 +725,27 @@ pub fn start(
                     };
                     loop {
                         match txs[worker].try_send(item) {
-                            Ok(()) => return true,
+                            Ok(()) => return,
                             Err(TrySendError::Full(back)) if started.elapsed() < patience => {
                                 item = back;
                                 std::thread::sleep(Duration::from_millis(1));
                             }
                             Err(TrySendError::Full(_)) => {
                                 metrics.mqtt_result(parsed.map(|(_, k)| kind_label(k)).unwrap_or("other"), "dropped");
-                                return true;
+                                return;
                             }
                             // The worker is gone (its thread died: /ready says so).
                             Err(TrySendError::Disconnected(_)) => {
                                 metrics.mqtt_result(parsed.map(|(_, k)| kind_label(k)).unwrap_or("other"), "dropped");
-                                return true;
+                                return;
                             }
                         }
                     }
                 }
                 // A QoS 0 publish (packet id 0) is a chunk reply leaving
                 // the client (module docs).
-                Ok(Event::Outgoing(SentPacket::Publish(0))) => {
-                    unwritten.written();
-                    true
-                }
-                Ok(_) => true,
+                Ok(Event::Outgoing(SentPacket::Publish(0))) => unwritten.written(),
+                Ok(_) => {}
                 Err(e) => {
                     // Replies still queued in the client go out after the
                     // reconnection and count down then; ones lost with the
@@ -760,12 +757,8 @@ pub fn start(
                         log::debug!("mqtt: connecting to {}:{}: {e}", opts.host, opts.port);
                     }
                     std::thread::sleep(Duration::from_millis(500));
-                    true
                 }
             });
-            if go_on == Some(false) {
-                return;
-            }
         }
     });
     if let Err(e) = spawned {

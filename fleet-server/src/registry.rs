@@ -840,6 +840,46 @@ mod tests {
     }
 
     #[test]
+    fn decommissioning_revokes_and_provisioning_again_starts_afresh() {
+        let (_d, reg) = temp_registry();
+        reg.add_device("dev-1", &["pi4".into()], "old-secret", &[1; 32]).expect("add");
+        let update = |counter| DeviceStateUpdate {
+            device: "dev-1",
+            counter,
+            seen_at: 10,
+            model: None,
+            version: None,
+            status: "serving",
+            last_error: None,
+            directive_sequence: 3,
+            committed: true,
+        };
+        assert!(reg.update_device_state(&update(40)).expect("report"));
+        reg.raise_counter_floors(&[("dev-1".into(), 55)]).expect("floors");
+        reg.raise_counter_floors(&[("dev-1".into(), 50)]).expect("a floor never goes down");
+        assert_eq!(reg.counter_floors().expect("floors"), vec![("dev-1".to_string(), 55)]);
+
+        assert!(reg.decommission("dev-1").expect("decommission"));
+        assert!(!reg.decommission("dev-1").expect("twice"), "already decommissioned");
+        assert!(matches!(reg.decommission("ghost"), Err(RegistryError::UnknownDevice(_))));
+        assert!(!reg.check_credentials("dev-1", "old-secret").expect("check"), "credential revoked");
+        let d = reg.device("dev-1").expect("get").expect("kept for the record");
+        assert!(d.public_key.is_empty() && d.decommissioned_at.is_some(), "{d:?}");
+        assert!(reg.devices().expect("list").is_empty(), "out of the fleet");
+        assert!(reg.counter_floors().expect("floors").is_empty());
+        assert!(!reg.update_device_state(&update(90)).expect("refused"), "reports from it change nothing");
+
+        // Provisioned again: new secret and key, nothing of the old device.
+        reg.add_device("dev-1", &["pi5".into()], "new-secret", &[2; 32]).expect("again");
+        assert!(reg.check_credentials("dev-1", "new-secret").expect("check"));
+        assert!(!reg.check_credentials("dev-1", "old-secret").expect("check"));
+        let d = reg.device("dev-1").expect("get").expect("device");
+        assert_eq!((d.public_key, d.tags, d.status, d.last_counter, d.decommissioned_at), (vec![2; 32], vec!["pi5".to_string()], None, 0, None));
+        assert_eq!(reg.counter_floors().expect("floors"), vec![("dev-1".to_string(), 0)]);
+        assert!(matches!(reg.add_device("dev-1", &[], "x", &[3; 32]), Err(RegistryError::DeviceExists(_))), "a live id stays taken");
+    }
+
+    #[test]
     fn registry_survives_reopen_and_refuses_newer_schema() {
         let dir = tempdir::Dir::new();
         let path = dir.path.join("r.sqlite");
