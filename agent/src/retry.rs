@@ -20,7 +20,10 @@
 //!
 //! Waits double from [`RetryPolicy::min`] up to [`RetryPolicy::max`], each
 //! drawn from its upper half ([`crate::link::jittered`]) so that devices
-//! hit by the same fault do not come back in lockstep.
+//! hit by the same fault do not come back in lockstep. With the defaults a
+//! download whose bytes never verify is given up after waits of at most
+//! 1 + 2 + 4 + 8 = 15 s (plus the downloads themselves), and a source that
+//! only ever says "unavailable" after at most 90 s of waiting.
 
 use std::time::Duration;
 
@@ -188,6 +191,24 @@ mod tests {
         wait(a.attempt_failed());
         a.progressed();
         assert_eq!(a.failed(), 1);
+    }
+
+    #[test]
+    fn the_defaults_give_up_on_endless_unavailable_within_90_seconds() {
+        let mut a = Attempts::new(RetryPolicy::default());
+        let mut waited = Duration::ZERO;
+        let mut answers = 0;
+        loop {
+            answers += 1;
+            match a.unavailable() {
+                // Jittered waits are at most the un-jittered one.
+                Next::RetryIn(w) => waited += w,
+                Next::GiveUp => break,
+            }
+        }
+        assert_eq!(answers, 25);
+        assert!(waited <= Duration::from_secs(90), "{waited:?}");
+        assert!(waited >= Duration::from_secs(45), "{waited:?}");
     }
 
     #[test]

@@ -660,8 +660,10 @@ fn forged_chunks_cost_attempts_not_the_update() {
         }
         None
     });
+    let started = Instant::now();
     w.fleet.publish(&w.keys.signer, &directive(d, 2, &w.v2, 1));
     agent.wait_version("2.0.0", T);
+    eprintln!("two forged chunks: v2 served {:.1?} after the directive (waits 0.1-1 s)", started.elapsed());
     w.fleet.wait_state(d, "v2 committed", T, |s| s.committed && s.version.as_deref() == Some("2.0.0"));
     assert_eq!(forger.forged.load(Ordering::SeqCst), 2, "both forgeries were sent");
     let log = agent_log(&w, d);
@@ -721,6 +723,7 @@ fn forged_unavailable_is_bounded_and_a_restart_fetches_again() {
         s.directive_sequence == 3 && s.status == Status::Failed && s.target.is_none()
     });
     let took = started.elapsed();
+    eprintln!("a stream of forged \"unavailable\" replies: given up after {took:.1?} (3 attempts, waits 0.1-1 s)");
     assert!(took < Duration::from_secs(40), "gave up after {took:?}");
     assert!(s.last_error.as_deref().is_some_and(|e| e.contains("gave up after 3")), "{s:?}");
     assert!(forger.forged.load(Ordering::SeqCst) >= 15);
