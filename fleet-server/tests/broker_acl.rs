@@ -142,10 +142,13 @@ fn connected(conn: &mut Connection) -> bool {
     }) && ok
 }
 
+/// `(topic, payload)` of every publish a client received.
+type Seen = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// A client that records every publish it receives, on its own thread.
 struct Observer {
     client: Client,
-    seen: Arc<Mutex<Vec<(String, Vec<u8>)>>>,
+    seen: Seen,
     stop: Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -159,7 +162,7 @@ impl Observer {
             drive(&mut conn, Duration::from_secs(5), |e| matches!(e, Event::Incoming(Packet::SubAck(_)))),
             "{id} subscribes to {filter}"
         );
-        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen: Seen = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (s, st) = (seen.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
