@@ -284,7 +284,7 @@ impl Inbox {
             return None;
         }
         let key = key_of(&record.public_key)?;
-        self.presence().keys.insert(device.to_string(), key.clone());
+        self.presence().keys.insert(device.to_string(), key);
         Some(key)
     }
 

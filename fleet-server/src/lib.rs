@@ -7,7 +7,7 @@
 //!   rotation, and the [`Signer`](outpost_runtime::bundle::Signer) the
 //!   server signs manifests and directives with.
 //! - [`bundle_cmd`]: making signed `.outpost` bundles from model files.
-//! - [`config`]: `fleet.toml`.
+//! - [`config`]: the `fleet.toml` file.
 //! - [`registry`]: the SQLite registry (models, versions, devices, audit).
 //! - [`bundles`]: content-addressed bundle files under `data_dir/bundles/`.
 //! - [`publish`]: the publish gate (accuracy, data width, signing, storing).

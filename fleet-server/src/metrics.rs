@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | `outpost_fleet_devices` | gauge | `status`, `model`, `version` — devices by what they last reported (`unknown` before the first report) |
 //! | `outpost_fleet_publishes_total` | counter | `result` = `ok`, `refused`, `error` |
-//! | `outpost_fleet_mqtt_messages_total` | counter | `kind` (state, telemetry, sketch, chunk_request, will, other), `result` = `accepted`, `rejected` (unsigned, forged, replayed, from an unknown or decommissioned device), `rate_limited` (over the device's limit, see [`crate::rate_limit`]), `dropped` (worker queues full) |
+//! | `outpost_fleet_mqtt_messages_total` | counter | `kind` (state, telemetry, sketch, chunk_request, will, other), `result` = `accepted`, `rejected` (unsigned, forged, replayed, from an unknown or decommissioned device), `rate_limited` (over the device's limit, see [`crate::rate_limit`]), `dropped` (worker queues full), `panic` (handling it panicked; caught) |
 //! | `outpost_fleet_chunks_served_total` | counter | — |
 //! | `outpost_fleet_chunk_bytes_total` | counter | — |
 //! | `outpost_fleet_chunk_requests_refused_total` | counter | `reason` = `rate`, `size`, `unknown_bundle`, `bad_request` |

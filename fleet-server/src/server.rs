@@ -89,10 +89,9 @@ pub struct Running {
 pub fn start(config: FleetConfig) -> anyhow::Result<Running> {
     use anyhow::Context;
     let signer = keys::load_signer(&config.keys_dir).with_context(|| format!("keys_dir {}", config.keys_dir.display()))?;
-    let root = keys::load_trust_root(&config.keys_dir)
+    let root = *keys::load_trust_root(&config.keys_dir)
         .with_context(|| format!("keys_dir {}", config.keys_dir.display()))?
-        .key()
-        .clone();
+        .key();
 
     std::fs::create_dir_all(&config.data_dir).with_context(|| format!("data_dir {}", config.data_dir.display()))?;
     let registry = Arc::new(
