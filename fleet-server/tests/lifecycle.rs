@@ -279,4 +279,15 @@ fn a_device_behind_its_directive_gets_it_again_and_floods_are_dropped() {
     dev2.publish(topics::state("dr-2"), signed_state("dr-2", 1, &other.key, Status::Serving));
     assert!(eventually(|| device(&fleet, "dr-2")["status"] == "serving"));
     assert_eq!(http_get(fleet.api_port, "/ready").expect("ready").0, 200);
+
+    // Decommissioned (DELETE), its retained directive goes: the device
+    // provisioned again under the id finds nothing waiting for it.
+    let (status, body) = http(fleet.api_port, "DELETE", "/v1/devices/dr-1", Some(&format!("Bearer {TOKEN}")), "").expect("delete");
+    assert_eq!(status, 200, "{body}");
+    assert!(fleet.api().get("/v1/devices/dr-1").expect("device")["directive"].is_null());
+    let renewed = fleet.provision("dr-1");
+    let dev = Device::connect(&fleet, "dr-1", &renewed.password);
+    dev.client.subscribe(topics::desired("dr-1"), QoS::AtLeastOnce).expect("subscribe");
+    let left = dev.next_on(&topics::desired("dr-1"), Duration::from_secs(1));
+    assert!(left.as_ref().is_none_or(|p| p.payload.is_empty()), "a directive left for the old device: {left:?}");
 }
