@@ -10,6 +10,8 @@ command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 # The demo drives the fleet's JSON API with curl and jq.
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v jq >/dev/null 2>&1 || need_apt+=(jq)
+# The embedded broker's TLS test makes its throwaway CA with openssl.
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 # Headless browser for the fleet dashboard's test.
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then

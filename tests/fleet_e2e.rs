@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use support::alerts::Alerts;
 use support::device::{feature_rows, Device};
-use support::fleet::{stage_devices, BrokerConfig, Fleet};
+use support::fleet::{stage_devices, BrokerConfig, Fleet, DASHBOARD_PASSWORD, DASHBOARD_USER};
 use support::mosquitto::{Mosquitto, FLEET_PASSWORD, FLEET_USER};
 use support::procs::{free_port, wait_for};
 use support::traffic::Traffic;
@@ -90,15 +90,11 @@ impl World {
         };
         let fleet = Fleet::start(&scratch.join("fleet"), config, ARTIFACTS);
         // The dashboard: on mosquitto the fleet's own user may read the
-        // fleet topics (the ACL); the embedded broker admits only
-        // provisioned identities, so the dashboard gets one, with a tag no
-        // rollout here targets.
+        // fleet topics (the ACL); the embedded broker has a read-only
+        // dashboard identity (`[broker] dashboard_password`).
         let alerts = match &mosquitto {
             Some(m) => Alerts::subscribe(m.port, "e2e-dashboard", FLEET_USER, FLEET_PASSWORD),
-            None => {
-                let d = Device::provision(&fleet, scratch, "dashboard", "dashboard");
-                Alerts::subscribe(fleet.broker.port(), "dashboard", "dashboard", &d.password)
-            }
+            None => Alerts::subscribe(fleet.broker.port(), DASHBOARD_USER, DASHBOARD_USER, DASHBOARD_PASSWORD),
         };
         let mut w = World { name, mosquitto, fleet, devices: Vec::new(), alerts, traffic: None, started };
         for (id, tag) in DEVICES {
@@ -118,7 +114,7 @@ impl World {
                 let reported = v["devices"]
                     .as_array()?
                     .iter()
-                    .filter(|d| d["tags"] != serde_json::json!(["dashboard"]) && !d["status"].is_null())
+                    .filter(|d| !d["status"].is_null())
                     .count();
                 (reported == DEVICES.len()).then_some(())
             },

@@ -116,6 +116,9 @@ pub struct Agent {
     /// The sealed directive this run gave up on: its retained copy is no
     /// news until the next start.
     gave_up: Option<Digest>,
+    /// Why the last directive was refused, if it was: reported as
+    /// `last_error`, never saved, never a status (see `on_desired`).
+    refused_directive: Option<String>,
     /// When to try again to save a state the disk refused, and the wait after.
     save_retry: (Instant, Duration),
     /// The last disk error logged (each distinct one is logged once).
@@ -261,6 +264,7 @@ impl Agent {
             download_retry_at: None,
             attempts: Attempts::new(retry),
             gave_up: None,
+            refused_directive: None,
             save_retry: (Instant::now() + SAVE_RETRY_MIN, SAVE_RETRY_MIN),
             disk_error: None,
             trial,
@@ -378,14 +382,24 @@ impl Agent {
         ) {
             Ok(v) => v,
             Err(e) => {
-                let reason = format!("directive refused: {e}");
+                // Noted, not failed: a refused directive changes nothing the
+                // device does, so it must not change what it reports either.
+                // Anyone who can write to this topic (a broker without the
+                // ACL, a replay of an old directive) could otherwise make a
+                // healthy canary report `failed` and halt a rollout. The
+                // reason still reaches the operator as `last_error`, from
+                // memory only: a refusal saved with the slots would count as
+                // a failure at the next boot.
+                let reason = self.fit_text(format!("directive refused: {e}"));
                 log::warn!("{reason}");
-                self.fail(reason);
+                self.refused_directive = Some(reason);
+                self.state_dirty = true;
                 return;
             }
         };
         let directive = verified.value;
         let serial = verified.certificate.serial;
+        self.refused_directive = None;
         log::info!("accepted directive {} for {}", directive.sequence, directive.id());
         // Persist acceptance before acting: a replay of anything older is
         // refused from now on, across restarts.
@@ -972,7 +986,7 @@ impl Agent {
         m.target = s.target.as_ref().map(|t| ModelRef { name: t.model.clone(), version: t.version.clone() });
         m.rollout_id = s.target.as_ref().and_then(|t| t.rollout_id.clone());
         m.progress = self.download.as_ref().map(Download::progress);
-        m.last_error = s.last_error.clone();
+        m.last_error = s.last_error.clone().or_else(|| self.refused_directive.clone());
         m.rollback_reason = s.rollback_reason.clone();
         m.rolled_back_from = s.rolled_back_from.clone();
         m.tags = self.config.tags.clone();

@@ -12,6 +12,10 @@ use super::http;
 use super::procs::{bin, free_port, tail, wait_for, Proc};
 
 pub const TOKEN: &str = "e2e-token-0123456789abcdef";
+/// The embedded broker's read-only dashboard identity (`[broker]
+/// dashboard_password`): it may read `outpost/v1/fleet/#`, nothing else.
+pub const DASHBOARD_USER: &str = "dashboard";
+pub const DASHBOARD_PASSWORD: &str = "e2e-dashboard-password-0123456789";
 
 /// Which broker the fleet uses.
 #[derive(Clone, Debug)]
@@ -52,7 +56,9 @@ impl Fleet {
         assert!(out.status.success(), "keygen: {}", String::from_utf8_lossy(&out.stderr));
         let api_port = free_port();
         let broker_table = match &broker {
-            BrokerConfig::Embedded { port } => format!("listen = \"127.0.0.1:{port}\"\n"),
+            BrokerConfig::Embedded { port } => {
+                format!("listen = \"127.0.0.1:{port}\"\ndashboard_password = \"{DASHBOARD_PASSWORD}\"\n")
+            }
             BrokerConfig::External { port, username, password } => {
                 format!("url = \"mqtt://127.0.0.1:{port}\"\nusername = \"{username}\"\npassword = \"{password}\"\n")
             }
@@ -194,9 +200,15 @@ impl Fleet {
 
     /// A counter or gauge from the fleet's `/metrics` (summed over labels).
     pub fn metric(&self, name: &str) -> f64 {
+        self.metric_where(name, "")
+    }
+
+    /// [`metric`](Self::metric) over the series whose labels contain
+    /// `label` (e.g. `result="rejected"`).
+    pub fn metric_where(&self, name: &str, label: &str) -> f64 {
         let text = http::get(self.api_port, "/metrics").map(|a| a.body).unwrap_or_default();
         text.lines()
-            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']) && l.contains(label))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     }

@@ -9,12 +9,14 @@
 //! - [`device`]: `provision` and `outpost-agent run`, a device's API and files;
 //! - [`mosquitto`]: the external broker, stoppable;
 //! - [`alerts`]: an MQTT subscriber on the fleet's alerts;
+//! - [`attacker`]: a stolen device's MQTT sessions and hostile HTTP clients;
 //! - [`traffic`]: the apps' predictions, recorded;
 //! - [`slow_model`]: a model that passes the publish gate but is far too
 //!   slow on a device.
 #![allow(dead_code)]
 
 pub mod alerts;
+pub mod attacker;
 pub mod device;
 pub mod fleet;
 pub mod http;
