@@ -90,8 +90,8 @@ use std::time::{Duration, Instant};
 use outpost_runtime::bundle::PublicKey;
 use outpost_runtime::protocol::topics::{self, Kind};
 use outpost_runtime::protocol::{
-    parse_state_payload, ChunkRequest, DeviceMessage, DeviceSigned, DeviceState, Limits, SketchMessage, StatePayload,
-    Telemetry,
+    parse_state_payload, ChunkRequest, DeviceMessage, DeviceSigned, DeviceState, DeviceWill, Limits, SketchMessage,
+    StatePayload, Telemetry,
 };
 use rumqttc::{Client, Event, MqttOptions, Outgoing as SentPacket, Packet, QoS};
 
@@ -126,6 +126,9 @@ const SEEN_EVERY_SECS: i64 = 60;
 /// How often the devices' counter high-water marks are written to the
 /// registry (module docs: the replay window after a crash).
 pub const FLUSH_EVERY: Duration = Duration::from_secs(5);
+/// Every kind of device message whose counter the link keeps.
+const COUNTED_KINDS: [&str; 5] =
+    [DeviceState::KIND, Telemetry::KIND, SketchMessage::KIND, ChunkRequest::KIND, DeviceWill::KIND];
 /// A device's recorded directive is re-sent at most this often.
 pub const RESEND_EVERY: Duration = Duration::from_secs(30);
 
@@ -267,7 +270,10 @@ impl Inbox {
     pub fn forget(&self, device: &str) {
         let mut p = self.presence();
         p.keys.remove(device);
-        p.counters.retain(|(d, _), _| d != device);
+        // By key, not by scanning every device's counters.
+        for kind in COUNTED_KINDS {
+            p.counters.remove(&(device.to_string(), kind));
+        }
         p.floors.remove(device);
         p.high_water.remove(device);
         p.online.remove(device);
