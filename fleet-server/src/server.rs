@@ -12,6 +12,11 @@
 //!    connection it republishes the recorded directives, retained;
 //! 5. the rollout driver (live rollouts resume where their records say);
 //! 6. the HTTP API.
+//!
+//! Every long-lived thread (API workers, MQTT event loop, workers, chunk
+//! sender, counter flusher, rollout driver) is started through the
+//! [`Supervisor`]: a panic costs one request, message or tick, and a thread
+//! that stops anyway makes `/ready` answer 503 with its name.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
