@@ -215,7 +215,7 @@ fn int8_weight_dims_that_overflow_are_refused_without_a_panic() {
     }
     assert_eq!(edited, weights.len(), "every weight is an initializer");
     let before = PANICS.lock().map(|p| p.len()).unwrap_or(0);
-    let err = Model::from_bytes(&proto.encode_to_vec(), ModelFormat::Onnx, &fast()).err().expect("refused");
+    let err = Model::from_bytes(&proto.encode_to_vec(), ModelFormat::Onnx, &fast()).expect_err("refused");
     assert!(err.to_string().contains("overflows"), "{err}");
     let p = PANICS.lock().map(|p| p[before..].to_vec()).unwrap_or_default();
     assert!(!p.iter().any(|(f, _, _)| ours(f)), "panicked in Outpost's code: {p:?}");

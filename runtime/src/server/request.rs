@@ -386,7 +386,7 @@ pub(crate) fn check_dims(shape: &[usize], spec: &TensorSpec, batched: bool, fiel
         match want {
             // A fixed batch of 1 runs larger batches row by row.
             Some(1) if ix == 0 && batched => {}
-            Some(w) if u64::try_from(*got).map_or(true, |g| g != *w) => return Err(mismatch()),
+            Some(w) if u64::try_from(*got) != Ok(*w) => return Err(mismatch()),
             _ => {}
         }
     }
