@@ -235,6 +235,17 @@ fn embedded() {
             let _ = t.join();
         });
     }
+    // More silent connections than the fleet API admits (256): after a
+    // second of silence they make room for a client that speaks.
+    let silent: Vec<std::net::TcpStream> =
+        (0..300).filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", fleet.api_port)).ok()).collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        attacker::health_within(fleet.api_port, Duration::from_secs(3)).is_some(),
+        "fleet API locked out by {} silent connections",
+        silent.len()
+    );
+    drop(silent);
     // Nested arrays whose first elements claim 10^12 × 8000 = 8e15
     // elements, padded to 1.2 MB: a 4xx, never an abort.
     let body = attacker::nested_predict_body(10, 12, 8000, 1_200_000);
@@ -243,7 +254,7 @@ fn embedded() {
     let row = &feature_rows("bc_test.csv")[0];
     assert_eq!(victim.predict(row).expect("predict").status, 200);
     every_process_up(&mut fleet, &mut [&mut victim]);
-    eprintln!("4. slow clients, a 64 MiB header and a nested-array bomb: both servers answered throughout");
+    eprintln!("4. slow clients, a 64 MiB header, 300 silent connections and a nested-array bomb: both servers answered throughout");
 
     // ---- 5. decommission the stolen device
     let d = fleet.cli_json(&["decommission", &m_id]);

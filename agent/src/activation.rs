@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use outpost_runtime::bundle::{
-    open_verified, Clock, Digest, Freshness, Manifest, OpenError, TrustRoot, VerifyOptions,
+    open_verified, Digest, Freshness, Manifest, OpenError, TrustRoot, VerifyOptions,
 };
 use outpost_runtime::drift::{DriftMonitor, MonitorConfig};
 use outpost_runtime::model::LoadOptions;
@@ -26,26 +26,17 @@ pub struct Ready {
     pub manifest: Manifest,
 }
 
-/// How a slot is re-checked.
-#[derive(Clone, Copy, Debug)]
-pub enum Trust {
-    /// A new bundle: the certificate must not be expired now.
-    Fresh { min_certificate_serial: u64 },
-    /// A bundle this device accepted before (at boot, on rollback): its
-    /// certificate may have expired since, or been rotated out, and a
-    /// device without a real-time clock may boot in the past — neither may
-    /// stop it from serving what it already verified.
-    AlreadyAccepted,
-}
-
 /// Verifies, loads and self-tests the bundle at `path`, which must carry the
 /// manifest whose signed bytes hash to `manifest_sha256`.
-pub fn load_slot(path: &Path, root: &TrustRoot, manifest_sha256: Digest, trust: Trust) -> Result<Ready, OpenError> {
-    let mut options = VerifyOptions::new(Freshness::NamedBy(manifest_sha256));
-    match trust {
-        Trust::Fresh { min_certificate_serial } => options.min_certificate_serial = min_certificate_serial,
-        Trust::AlreadyAccepted => options.clock = Clock::UnsafeIgnoreExpiry,
-    }
+///
+/// The same check whether the bundle is new, booted from, or rolled back to:
+/// a verified directive named it by digest ([`Freshness::NamedBy`]), so its
+/// certificate's serial and expiry are not held against it — a key rotated
+/// out since, a certificate expired since, or a device booting with its
+/// clock in the past cannot stop it from serving what it verified
+/// (`outpost_runtime::bundle`, *Key rotation*).
+pub fn load_slot(path: &Path, root: &TrustRoot, manifest_sha256: Digest) -> Result<Ready, OpenError> {
+    let options = VerifyOptions::new(Freshness::NamedBy(manifest_sha256));
     let verified = open_verified(path, root, &options, &LoadOptions::default())?;
     let manifest = verified.header.value.clone();
     let info = ModelInfo {

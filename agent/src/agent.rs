@@ -53,7 +53,7 @@ use outpost_runtime::protocol::{
 use outpost_runtime::server::{Deployed, ModelSlot, RunningServer, Server, ServerConfig};
 use outpost_runtime::stream::StreamCore;
 
-use crate::activation::{load_slot, switch_traffic, Trust};
+use crate::activation::{load_slot, switch_traffic};
 use crate::config::AgentConfig;
 use crate::download::{Download, DownloadError, Progress};
 use crate::fetch::{Fetch, FetchEvent};
@@ -160,7 +160,7 @@ impl Agent {
                 slots.forget(active)?;
                 continue;
             };
-            match load_slot(&slots.slot_path(active), &config.trust_root, record.manifest_sha256, Trust::AlreadyAccepted) {
+            match load_slot(&slots.slot_path(active), &config.trust_root, record.manifest_sha256) {
                 Ok(ready) => {
                     log::info!("serving {} from slot {active:?}", ready.manifest.id());
                     if slots.state().in_probation() {
@@ -527,8 +527,9 @@ impl Agent {
     /// before it has passed.
     fn start_download(&mut self, directive: Directive, delay: Option<Duration>) {
         let slot = self.slots.inactive();
-        let mut options = VerifyOptions::new(outpost_runtime::bundle::Freshness::NamedBy(directive.manifest_sha256));
-        options.min_certificate_serial = self.slots.state().min_certificate_serial;
+        // Named by the verified directive: the directive carried the
+        // certificate checks (serial floor, expiry) for it.
+        let options = VerifyOptions::new(outpost_runtime::bundle::Freshness::NamedBy(directive.manifest_sha256));
         match Download::start(
             &directive,
             &self.slots.part_path(slot),
@@ -725,8 +726,7 @@ impl Agent {
     fn activate(&mut self, slot: SlotName, directive: &Directive) {
         self.set_status(Status::Activating);
         self.publish_state();
-        let trust = Trust::Fresh { min_certificate_serial: self.slots.state().min_certificate_serial };
-        let ready = match load_slot(&self.slots.slot_path(slot), &self.config.trust_root, directive.manifest_sha256, trust) {
+        let ready = match load_slot(&self.slots.slot_path(slot), &self.config.trust_root, directive.manifest_sha256) {
             Ok(r) => r,
             Err(e) => {
                 self.refuse_target(format!("activation of {} refused: {e}", directive.id()));
@@ -890,7 +890,7 @@ impl Agent {
         }
         let Some(slot) = to else { return };
         let Some(record) = self.slots.state().record(slot).cloned() else { return };
-        match load_slot(&self.slots.slot_path(slot), &self.config.trust_root, record.manifest_sha256, Trust::AlreadyAccepted) {
+        match load_slot(&self.slots.slot_path(slot), &self.config.trust_root, record.manifest_sha256) {
             Ok(ready) => {
                 switch_traffic(&self.model, ready.deployed);
                 log::info!("rolled back from {} to {}", from.map(|f| f.to_string()).unwrap_or_default(), record.model_ref());

@@ -169,6 +169,8 @@ fn http_server(listener: std::net::TcpListener) -> std::io::Result<tiny_http::Se
         io_timeout: IO_TIMEOUT,
         // Close, never drain: draining waits for the client, on a worker.
         max_drain_bytes: 0,
+        // At MAX_CONNECTIONS, silent or trickling clients make room for new ones.
+        ..tiny_http::EventedLimits::default()
     };
     tiny_http::Server::from_listener_evented(listener, limits)
 }

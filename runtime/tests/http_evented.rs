@@ -639,11 +639,11 @@ fn clients_leaving_mid_head_or_mid_body_do_not_break_the_server() {
     assert_body(&c.answer(), &echo("POST", "/after2", b"body"), "after clients left, keep-alive");
 }
 
-/// 13. `max_connections`: a connection beyond is closed; once one closes,
-/// a new one is served.
+/// 13. `max_connections`: a connection beyond is closed (nobody has waited
+/// long enough to be evicted); once one closes, a new one is served.
 #[test]
 fn max_connections_closes_extra_connections_until_one_closes() {
-    let limits = EventedLimits { max_connections: 2, ..Default::default() };
+    let limits = EventedLimits { max_connections: 2, evict_after: Duration::MAX, ..Default::default() };
     let server = TestServer::start(limits, 1);
     let mut c1 = server.client();
     c1.expect_get("/one", "first connection");
@@ -671,6 +671,32 @@ fn max_connections_closes_extra_connections_until_one_closes() {
     let a = served.expect("no new connection served after one of the two closed");
     assert_body(&a, &echo("GET", "/four", b""), "connection after one closed");
     c2.expect_get("/two-again", "second connection again");
+}
+
+/// 13b. Clients that connect and say nothing, or trickle a head a byte at a
+/// time, cannot lock others out: at `max_connections` a new connection
+/// closes the one that has waited longest for its next request.
+#[test]
+fn silent_and_trickling_clients_make_room_for_new_ones() {
+    let limits = EventedLimits { max_connections: 4, evict_after: Duration::from_millis(300), ..Default::default() };
+    let server = TestServer::start(limits, 1);
+    let silent: Vec<Client> = (0..2).map(|_| server.client()).collect();
+    let mut trickling: Vec<Client> = (0..2).map(|_| server.client()).collect();
+    for round in 0..6 {
+        for c in &mut trickling {
+            c.send_lossy(&b"GET /slow HTTP/1.1\r\nX-Slow: "[round..round + 1]);
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    // Four connections held well past `evict_after`: each new client (kept
+    // open) gets in by taking one's place.
+    let mut served = Vec::new();
+    for i in 0..4 {
+        let mut c = server.client();
+        c.expect_get(&format!("/new-{i}"), "a new client at max_connections");
+        served.push(c);
+    }
+    drop((silent, trickling, served));
 }
 
 /// 14. `unblock()` releases a thread blocked in `recv()` / `recv_timeout()`.

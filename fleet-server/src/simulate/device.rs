@@ -274,8 +274,7 @@ impl SimDevice {
         if self.download.as_ref().is_some_and(|d| d.bundle() == &directive.bundle_sha256) {
             return;
         }
-        let mut options = VerifyOptions::new(Freshness::NamedBy(directive.manifest_sha256));
-        options.min_certificate_serial = self.min_certificate_serial;
+        let options = VerifyOptions::new(Freshness::NamedBy(directive.manifest_sha256));
         match Download::start(
             &directive,
             &self.part_path(),

@@ -39,7 +39,11 @@
 //!
 //! Idle keep-alive connections are kept until their client closes them
 //! (TCP keepalive, set on the listener, notices clients that vanished);
-//! `max_connections` bounds how many.
+//! `max_connections` bounds how many. At that bound a new connection is not
+//! refused while one is parked that has waited a second or more for its
+//! next request: the one that has waited longest is closed to make room
+//! (a head that trickles in byte by byte does not count as activity), so
+//! clients that connect and say nothing cannot lock the others out.
 //!
 //! Not supported here (the threaded server still is): TLS and Unix sockets.
 
@@ -69,9 +73,16 @@ pub struct EventedLimits {
     /// a little memory, never a thread. A larger body, or a chunked one, is
     /// read by whoever handles the request, as upstream. Default 64 KiB.
     pub max_buffered_body: usize,
-    /// The most connections open at once; a connection beyond is closed as
-    /// soon as it is accepted. Default 1024.
+    /// The most connections open at once. At this bound a new connection
+    /// closes the parked connection that has waited longest for its next
+    /// request, if that one has waited at least `evict_after`; otherwise the
+    /// new one is closed as soon as it is accepted. Default 1024.
     pub max_connections: usize,
+    /// See `max_connections`: how long a connection must have waited for
+    /// its next request (since it was accepted or its last answer was
+    /// written; bytes of a head trickling in do not count) before a new
+    /// connection may take its place. `Duration::MAX`: never. Default 1 s.
+    pub evict_after: Duration,
     /// How long reading a streamed body or writing an answer may wait for
     /// the client before failing (the connection is then closed). Default 30 s.
     pub io_timeout: Duration,
@@ -88,6 +99,7 @@ impl Default for EventedLimits {
             max_head_bytes: 16 * 1024,
             max_buffered_body: 64 * 1024,
             max_connections: 1024,
+            evict_after: Duration::from_secs(1),
             io_timeout: Duration::from_secs(30),
             max_drain_bytes: 8 * 1024 * 1024,
         }
@@ -113,6 +125,10 @@ struct Conn {
     buf: Vec<u8>,
     pos: usize,
     end: usize,
+    /// Since when it waits for its next request: accepted, or its last
+    /// answer written. Bytes of a head that trickles in do not refresh it,
+    /// so a client sending one byte a second is the oldest waiter there is.
+    waiting_since: Instant,
 }
 
 impl Conn {
@@ -344,7 +360,7 @@ impl Evented {
     }
 
     fn register(&self, stream: TcpStream, remote: Option<SocketAddr>) {
-        if self.open.load(Ordering::Acquire) >= self.limits.max_connections {
+        if self.open.load(Ordering::Acquire) >= self.limits.max_connections && !self.evict_longest_waiting() {
             log::warn!("{} connections open already; closing a new one from {:?}", self.limits.max_connections, remote);
             return;
         }
@@ -365,7 +381,15 @@ impl Evented {
             let token = index as u64 + FIRST_CONN;
             // Parked before it is watched, so the thread that gets its first
             // event finds it.
-            slots.slots[index] = Slot::Parked(Conn { stream: stream.clone(), token, remote, buf: Vec::new(), pos: 0, end: 0 });
+            slots.slots[index] = Slot::Parked(Conn {
+                stream: stream.clone(),
+                token,
+                remote,
+                buf: Vec::new(),
+                pos: 0,
+                end: 0,
+                waiting_since: Instant::now(),
+            });
             token
         };
         self.open.fetch_add(1, Ordering::AcqRel);
@@ -375,6 +399,45 @@ impl Evented {
             if let Some(conn) = self.take_parked(token) {
                 self.close_conn(conn);
             }
+        }
+    }
+
+    /// Makes room at `max_connections`: closes the parked connection that has
+    /// waited longest for its next request (idle keep-alive, or a head that
+    /// trickles in), if it waited at least `evict_after`. Without this,
+    /// `max_connections` clients that connect and send nothing (or a byte
+    /// now and then) would lock every other client out for as long as they
+    /// like. An honest idle client evicted this way reconnects.
+    fn evict_longest_waiting(&self) -> bool {
+        let victim = {
+            let mut slots = lock(&self.slots);
+            let oldest = slots
+                .slots
+                .iter()
+                .enumerate()
+                .filter_map(|(i, slot)| match slot {
+                    Slot::Parked(c) if c.waiting_since.elapsed() >= self.limits.evict_after => Some((c.waiting_since, i)),
+                    _ => None,
+                })
+                .min();
+            match oldest {
+                Some((_, i)) => match std::mem::replace(&mut slots.slots[i], Slot::Busy) {
+                    Slot::Parked(conn) => Some(conn),
+                    other => {
+                        slots.slots[i] = other;
+                        None
+                    }
+                },
+                None => None,
+            }
+        };
+        match victim {
+            Some(conn) => {
+                log::debug!("{} connections open: closing the one waiting longest, from {:?}", self.limits.max_connections, conn.remote);
+                self.close_conn(conn);
+                true
+            }
+            None => false,
         }
     }
 
@@ -599,6 +662,7 @@ impl Drop for Exchange {
             return;
         }
         conn.compact();
+        conn.waiting_since = Instant::now();
         if conn.unread().is_empty() {
             self.server.park(conn);
         } else {
