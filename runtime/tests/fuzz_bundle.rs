@@ -148,3 +148,39 @@ fn every_truncation_is_refused() {
         assert!(verify_bundle_bytes(&flipped, &trust(), &options()).is_err(), "bit flip at {i}");
     }
 }
+
+// ------------------------------------------- the decoders behind the signature
+
+/// The signed manifest's payload, mutated and decoded as the device does once
+/// a signature checked (`decode_unverified` is the same strict decoding,
+/// canonical-form and validation step). A manifest that decodes is
+/// canonical (re-encodes to the same bytes), and its reference sketch builds
+/// a drift monitor that takes a row without panicking.
+#[test]
+fn fuzz_manifest_payloads() {
+    use outpost_runtime::bundle::{Manifest, Signed};
+    use outpost_runtime::drift::{DriftMonitor, MonitorConfig};
+    use std::sync::Arc;
+    let signed = signer().sign(&manifest("demo", "1.0.0", 5, &seed().model)).expect("sign");
+    let (key_id, signature) = (signed.signer(), *signed.signature());
+    let decoded = std::sync::atomic::AtomicUsize::new(0);
+    let n = cases(2000);
+    let mut runner = TestRunner::new(fuzz_support::config(n));
+    runner
+        .run(&mutated(signed.payload().to_vec(), 4), |payload| {
+            let s = Signed::<Manifest>::from_parts(payload.clone(), key_id, signature);
+            if let Ok(m) = s.decode_unverified(&Limits::default()) {
+                decoded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                prop_assert_eq!(Signed::<Manifest>::sign(&m, &online_key()).ok().map(|s| s.payload().to_vec()), Some(payload));
+                if let Ok(monitor) = DriftMonitor::new(Arc::new(m.reference.clone()), MonitorConfig::default()) {
+                    let features = vec![0.5f32; m.reference.features.len()];
+                    let outputs = vec![1.0f32; m.reference.outputs.len()];
+                    let _ = monitor.observe(&features, &outputs);
+                    let _ = monitor.report();
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+    eprintln!("manifest payloads: {n} cases, {} decoded", decoded.into_inner());
+}
