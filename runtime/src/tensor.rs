@@ -142,8 +142,9 @@ pub struct TensorData {
 
 impl TensorData {
     pub fn new(shape: Vec<usize>, values: TensorValues) -> Result<TensorData, ShapeMismatch> {
-        let expected: usize = shape.iter().product();
-        if expected != values.len() {
+        // Checked: a shape from a message may claim more than usize holds.
+        let expected = shape.iter().try_fold(1usize, |acc, d| acc.checked_mul(*d));
+        if expected != Some(values.len()) {
             return Err(ShapeMismatch { shape, len: values.len() });
         }
         Ok(TensorData { shape, values })
