@@ -18,6 +18,9 @@
 //! 2. An MQTT payload over the broker's limit: refused, nothing breaks.
 //! 3. Replay after a fleet restart: state and telemetry signed with
 //!    mallory's real key but an old counter are refused.
+//! 3b. A lying canary: in a stage with a version far too slow on the
+//!    victim, the stolen device signs "committed" and floods fast telemetry
+//!    and latency sketches; the p99 gate still halts the rollout.
 //! 4. Slow and oversized HTTP clients on the fleet API and on the
 //!    victim's predict port; a predict body of nested arrays claiming 8e15
 //!    elements: both servers answer `/health` throughout and stay up.
@@ -42,7 +45,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use outpost_runtime::bundle::{Digest, SecretKey};
-use outpost_runtime::protocol::{topics, ChunkReply, DeviceSigned, DeviceState, Status, Telemetry};
+use outpost_runtime::protocol::{
+    topics, ChunkReply, DeviceSigned, DeviceState, LatencySketch, ModelRef, SketchMessage, Status, Telemetry, SKETCH_FORMAT,
+};
 use serde_json::{json, Value};
 use support::alerts::Alerts;
 use support::attacker::{self, mqtt_session};
@@ -143,7 +148,9 @@ fn embedded() {
     let alerts = Alerts::subscribe(port, DASHBOARD_USER, DASHBOARD_USER, DASHBOARD_PASSWORD);
     let mut victim = Device::provision(&fleet, root, "victim", "pi4");
     let mut mallory = Device::provision(&fleet, root, "mallory", "lab");
-    victim.start(&[]);
+    // The victim's own probation is lenient about latency, so that in 3b
+    // the fleet's p99 gate is the wall that must hold.
+    victim.start(&[("OUTPOST_PROBATION_MAX_LATENCY_RATIO", "100000")]);
     mallory.start(&[]);
     fleet.publish(&fixture("bc_mlp.onnx"), "1.0.0");
     for tag in ["pi4", "lab"] {
@@ -220,6 +227,78 @@ fn embedded() {
     assert_eq!(v["version"], "1.0.0", "a replayed state changed the fleet's view: {v}");
     assert_ne!(v["status"], "failed", "{v}");
     eprintln!("3. replayed state and telemetry refused after a fleet restart");
+
+    // ---- 3b. a lying canary: a version far too slow on the victim; the
+    // stolen device, in the same stage, swears it committed it and serves
+    // a flood of fast requests. The p99 gate still sees the victim.
+    let slow_path = root.join("bc_mlp_slow.onnx");
+    let original = std::fs::read(fixture("bc_mlp.onnx")).expect("fixture");
+    let slow = support::slow_model::slow_variant(&original, "features", 4).expect("slow variant");
+    std::fs::write(&slow_path, slow).expect("write");
+    fleet.publish(&slow_path, "1.0.1");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let liar = {
+        let (stop, key, id, pw) = (stop.clone(), device_key(&mallory), m_id.clone(), m_pw.clone());
+        std::thread::spawn(move || {
+            let mut counter = 2_000_000_000u64;
+            let mut next = || {
+                counter += 1;
+                counter
+            };
+            let mut rounds = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+                let model = ModelRef { name: "bc".into(), version: "1.0.1".into() };
+                let mut state = DeviceState::new(Status::Serving);
+                (state.model, state.version, state.committed, state.directive_sequence) =
+                    (Some("bc".into()), Some("1.0.1".into()), true, 1_000_000);
+                let mut t = rosy_telemetry();
+                (t.model, t.window_start_unix_ms, t.window_end_unix_ms, t.requests) =
+                    (Some(model.clone()), now - 1000, now, 100_000);
+                let mut fast = vec![0u64; 16];
+                fast[3] = 100_000;
+                let sketch = SketchMessage {
+                    format: SKETCH_FORMAT,
+                    model,
+                    window_start_unix_ms: now - 1000,
+                    window_end_unix_ms: now,
+                    drift: None,
+                    latency: LatencySketch { buckets_log2_us: fast },
+                };
+                let lies = vec![
+                    (topics::state(&id), DeviceSigned::sign(&id, next(), &state, &key).expect("sign").to_bytes(), true),
+                    (topics::telemetry(&id), DeviceSigned::sign(&id, next(), &t, &key).expect("sign").to_bytes(), false),
+                    (topics::sketch(&id), DeviceSigned::sign(&id, next(), &sketch, &key).expect("sign").to_bytes(), false),
+                ];
+                mqtt_session(port, &id, &id, &pw, &[], &lies, Duration::from_millis(50));
+                rounds += 1;
+                std::thread::sleep(Duration::from_millis(600));
+            }
+            rounds
+        })
+    };
+    let traffic = {
+        let (stop, port) = (stop.clone(), victim.port);
+        let row = feature_rows("bc_test.csv")[0].clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = support::http::post(port, "/predict", &json!({ "features": row }));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let id = fleet.rollout_start(
+        "bc@1.0.1",
+        &["--tag", "pi4", "--tag", "lab", "--stages", "100", "--bake", "4s", "--max-p99-ms", "8", "--max-failed", "1"],
+    );
+    let s = fleet.wait_rollout_end(&id, ROLLOUT_TIMEOUT);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = liar.join().expect("liar");
+    let _ = traffic.join();
+    assert_eq!(s["state"], "halted", "the liar passed a slow version: {s}\n{}", fleet.log_tail());
+    assert!(s["reason"].as_str().is_some_and(|r| r.contains("p99_ms")), "halted for another reason: {s}");
+    wait_serves(&fleet, &victim, "1.0.0");
+    eprintln!("3b. a lying canary ({rounds} rounds of signed fast telemetry) did not pass a slow version: {}", s["reason"]);
 
     // ---- 4. hostile HTTP clients on both servers
     for (what, http_port, predict) in [("fleet API", fleet.api_port, "/v1/publish"), ("device", victim.port, "/predict")] {

@@ -331,17 +331,22 @@ fn registry_with_two_devices(dir: &std::path::Path) -> Arc<Registry> {
     registry
 }
 
-#[test]
-fn the_embedded_broker_enforces_the_acl_table() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let settings = EmbeddedSettings {
-        listen: format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
+/// The embedded broker's settings for these tests: loopback, small limits.
+fn embedded_settings(port: u16, tls: Option<broker::TlsFiles>) -> EmbeddedSettings {
+    EmbeddedSettings {
+        listen: format!("127.0.0.1:{port}").parse().expect("addr"),
         max_connections: 100,
         max_payload_size: 1 << 20,
         fleet_filters: Vec::new(),
-        tls: None,
+        tls,
         dashboard_password: None,
-    };
+    }
+}
+
+#[test]
+fn the_embedded_broker_enforces_the_acl_table() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let settings = embedded_settings(free_port(), None);
     let b = broker::start_embedded(settings, registry_with_two_devices(dir.path())).expect("broker");
     let wrong = run(&Target { name: "embedded", port: b.listen.port(), fleet_password: b.fleet.password.clone() });
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
@@ -362,14 +367,7 @@ fn mosquitto_with_the_shipped_acl_enforces_the_same_table() {
 #[test]
 fn a_revoked_device_loses_its_session_at_its_next_ping() {
     let dir = tempfile::tempdir().expect("tmp");
-    let settings = EmbeddedSettings {
-        listen: format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
-        max_connections: 100,
-        max_payload_size: 1 << 20,
-        fleet_filters: Vec::new(),
-        tls: None,
-        dashboard_password: None,
-    };
+    let settings = embedded_settings(free_port(), None);
     let b = broker::start_embedded(settings, registry_with_two_devices(dir.path())).expect("broker");
     let port = b.listen.port();
     let mut o = options(port, A, A_PASSWORD);
@@ -401,14 +399,7 @@ fn the_embedded_broker_lets_devices_use_application_topics() {
     // The agent's streaming mode: its inputs and results outside outpost/.
     // (mosquitto needs lines of the operator's own for these: see the acl file.)
     let dir = tempfile::tempdir().expect("tmp");
-    let settings = EmbeddedSettings {
-        listen: format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
-        max_connections: 100,
-        max_payload_size: 1 << 20,
-        fleet_filters: Vec::new(),
-        tls: None,
-        dashboard_password: None,
-    };
+    let settings = embedded_settings(free_port(), None);
     let b = broker::start_embedded(settings, registry_with_two_devices(dir.path())).expect("broker");
     let port = b.listen.port();
     let a = Observer::start(port, A, A_PASSWORD, "plant/+/sensors");
@@ -446,14 +437,7 @@ fn the_embedded_broker_serves_tls_to_devices_and_keeps_the_acl() {
     let dir = tempfile::tempdir().expect("tmp");
     let (ca, cert, key) = test_certificates(dir.path());
     let public_port = free_port();
-    let settings = EmbeddedSettings {
-        listen: format!("127.0.0.1:{public_port}").parse().expect("addr"),
-        max_connections: 100,
-        max_payload_size: 1 << 20,
-        fleet_filters: Vec::new(),
-        tls: Some(broker::TlsFiles { cert, key }),
-        dashboard_password: None,
-    };
+    let settings = embedded_settings(public_port, Some(broker::TlsFiles { cert, key }));
     let b = broker::start_embedded(settings, registry_with_two_devices(dir.path())).expect("broker");
     assert_ne!(b.listen.port(), public_port, "the fleet's own client dials a loopback port of its own");
 
