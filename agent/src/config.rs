@@ -188,7 +188,13 @@ const LIST_KEYS: &[&str] = &["tags", "stream_inputs"];
 impl AgentConfig {
     /// Reads `path` (if given), overlays `OUTPOST_<KEY>` variables from
     /// `env`, and checks everything (including reading the key files).
+    /// Stops at the first problem; [`load_all`](Self::load_all) lists them all.
     pub fn load(path: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> Result<AgentConfig, ConfigError> {
+        Self::load_all(path, env).map_err(|mut all| all.remove(0))
+    }
+
+    /// The file and the environment merged, each key of the right type.
+    fn read_raw(path: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> Result<Raw, ConfigError> {
         let mut table = match path {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
@@ -218,7 +224,30 @@ impl AgentConfig {
             table.insert(key.to_string(), value);
         }
         let raw: Raw = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| toml_error(&e.to_string()))?;
-        AgentConfig::check(raw)
+        Ok(raw)
+    }
+
+    /// Like [`load`](Self::load), but reports every problem it can find
+    /// (one [`ConfigError`] each), not only the first: what
+    /// `outpost-agent check-config` prints and `run` refuses to start with.
+    ///
+    /// Beyond the shape of each key, it refuses values that parse but can
+    /// never work on a real device: all-zero keys,
+    /// placeholder passwords, broker addresses nobody can dial.
+    pub fn load_all(path: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> Result<AgentConfig, Vec<ConfigError>> {
+        let raw = Self::read_raw(path, env).map_err(|e| vec![e])?;
+        let mut problems = placeholders(&raw);
+        match AgentConfig::check(raw) {
+            Ok(config) if problems.is_empty() => Ok(config),
+            Ok(_) => Err(problems),
+            Err(e) => {
+                // The placeholder check may already have named this key.
+                if !problems.iter().any(|p| p.key == e.key) {
+                    problems.push(e);
+                }
+                Err(problems)
+            }
+        }
     }
 
     fn check(raw: Raw) -> Result<AgentConfig, ConfigError> {
@@ -239,20 +268,8 @@ impl AgentConfig {
                 }
             }
         }
-        let trust_root = raw.trust_root.ok_or_else(|| err("trust_root", "missing (the pinned root public key)"))?;
-        let trust_root = if trust_root.trim_start().starts_with("outpost-ed25519-public-v1") {
-            PublicKey::from_file_text(&trust_root, Path::new("trust_root")).map(TrustRoot::new)
-        } else {
-            TrustRoot::read_file(&trust_root)
-        }
-        .map_err(|e| err("trust_root", e.to_string()))?;
-        let device_key = raw.device_key.ok_or_else(|| err("device_key", "missing (this device's secret key)"))?;
-        let device_key = if device_key.trim_start().starts_with("outpost-ed25519-secret-v1") {
-            SecretKey::from_file_text(&device_key, Path::new("device_key"))
-        } else {
-            SecretKey::read_file(&device_key)
-        }
-        .map_err(|e| err("device_key", e.to_string()))?;
+        let trust_root = read_trust_root(&raw.trust_root.ok_or_else(|| err("trust_root", "missing (the pinned root public key)"))?)?;
+        let device_key = read_device_key(&raw.device_key.ok_or_else(|| err("device_key", "missing (this device's secret key)"))?)?;
         let state_dir = raw.state_dir.ok_or_else(|| err("state_dir", "missing"))?;
         let listen = raw.listen.unwrap_or_else(|| "127.0.0.1:8080".into());
         if !listen.contains(':') {
@@ -336,6 +353,85 @@ impl AgentConfig {
     }
 }
 
+/// `trust_root`: the key line itself, or the path of a `.pub` file.
+fn read_trust_root(value: &str) -> Result<TrustRoot, ConfigError> {
+    if value.trim_start().starts_with("outpost-ed25519-public-v1") {
+        PublicKey::from_file_text(value, Path::new("trust_root")).map(TrustRoot::new)
+    } else {
+        TrustRoot::read_file(value)
+    }
+    .map_err(|e| err("trust_root", e.to_string()))
+}
+
+/// `device_key`: the key line itself, or the path of a secret key file.
+fn read_device_key(value: &str) -> Result<SecretKey, ConfigError> {
+    if value.trim_start().starts_with("outpost-ed25519-secret-v1") {
+        SecretKey::from_file_text(value, Path::new("device_key"))
+    } else {
+        SecretKey::read_file(value)
+    }
+    .map_err(|e| err("device_key", e.to_string()))
+}
+
+/// Passwords that are somebody's example, not a credential. Compared
+/// ignoring case, after trimming.
+const PLACEHOLDER_PASSWORDS: &[&str] =
+    &["change-me", "changeme", "change_me", "change me", "password", "secret", "…", "...", "xxx", "todo"];
+
+/// Domains reserved for documentation (RFC 2606, RFC 6761): a host under
+/// one is an example somebody forgot to replace, never a broker.
+fn placeholder_host(host: &str) -> bool {
+    let h = host.trim_end_matches('.').to_ascii_lowercase();
+    ["example.com", "example.net", "example.org", "example", "invalid"]
+        .iter()
+        .any(|d| h == *d || h.ends_with(&format!(".{d}")))
+}
+
+/// Values that parse but cannot work on a device: what the example
+/// `agent.toml` ships with (all-zero keys, `password = "change-me"`, a
+/// `fleet.example.com` broker) and broker addresses nobody can dial (no
+/// host, port 0, the wildcard address). Today such a config would start
+/// and retry forever; this names the key instead. One problem per key.
+fn placeholders(raw: &Raw) -> Vec<ConfigError> {
+    let mut problems = Vec::new();
+    if let Some(url) = &raw.broker {
+        match parse_broker(url) {
+            Err(e) => problems.push(e),
+            Ok(b) if placeholder_host(&b.host) => problems.push(err(
+                "broker",
+                format!("{url:?}: {} is a documentation example, not the fleet's broker (use the broker URL `outpost-fleet provision` wrote)", b.host),
+            )),
+            Ok(b) if b.host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_unspecified()) => problems.push(err(
+                "broker",
+                format!("{url:?}: {} is the wildcard address a server listens on, not one a device can dial", b.host),
+            )),
+            Ok(_) => {}
+        }
+    }
+    if let Some(password) = &raw.password {
+        let p = password.trim();
+        if p.is_empty() {
+            problems.push(err("password", "empty (use the password `outpost-fleet provision` wrote)"));
+        } else if PLACEHOLDER_PASSWORDS.iter().any(|x| p.eq_ignore_ascii_case(x)) || (p.starts_with('<') && p.ends_with('>')) {
+            problems.push(err("password", format!("{p:?} is a placeholder, not this device's broker password (use the one `outpost-fleet provision` wrote)")));
+        }
+    }
+    // The zero seed's public key: a trust_root made from the all-zero
+    // secret is as public as the zeros themselves.
+    let zero_public = SecretKey::from_seed([0; 32]).public_key();
+    if let Some(Ok(root)) = raw.trust_root.as_deref().map(read_trust_root) {
+        if root.key().to_bytes() == [0; 32] || *root.key() == zero_public {
+            problems.push(err("trust_root", "an all-zero placeholder key, not the fleet's root key (use the trust_root line `outpost-fleet provision` wrote)"));
+        }
+    }
+    if let Some(Ok(key)) = raw.device_key.as_deref().map(read_device_key) {
+        if key.public_key() == zero_public {
+            problems.push(err("device_key", "an all-zero placeholder key, which anyone can sign with (use the device_key line `outpost-fleet provision` wrote)"));
+        }
+    }
+    problems
+}
+
 /// The streaming keys, checked: filters well-formed and outside the fleet's
 /// own topics (a device answering `outpost/…` messages would answer the
 /// fleet's directives), the output template valid.
@@ -414,6 +510,9 @@ pub fn parse_broker(url: &str) -> Result<BrokerUrl, ConfigError> {
     };
     if host.is_empty() {
         return Err(bad("no host"));
+    }
+    if port == 0 {
+        return Err(bad("port 0 cannot be dialled"));
     }
     Ok(BrokerUrl { tls, host: host.to_string(), port })
 }
