@@ -280,3 +280,103 @@ fn load_for_batch(path: &std::path::Path, trust: Option<&std::path::Path>) -> an
     log::info!("verified bundle {} (signed by {})", verified.header.value.id(), verified.header.signer);
     Ok(verified.model)
 }
+
+/// `outpost-runtime bench`: see [`outpost_runtime::bench`].
+#[derive(clap::Args)]
+#[command(after_help = "\
+One timed call is one inference as `serve` runs it for a request (inputs in, \
+outputs out) at --batch rows, on seeded random inputs of the model's own \
+shapes and types (floats in [0,1), int8/uint8 over their range, wider \
+integers in [0,10)). A model whose batch is fixed at 1 in the file runs the \
+N rows one after another inside each timed call, as `serve` does; a model \
+whose first dimension is fixed above 1 only takes --batch 1.
+
+tract runs each call on one core: --threads N runs N workers calling the \
+model at once, as `serve --threads N` does, and reports the latency per call \
+under that contention; --threads 1 compares with LiteRT's \
+`benchmark_model --num_threads=1`.")]
+pub struct BenchArgs {
+    /// Model file: .onnx, .tflite, or a signed .outpost bundle (with --trust).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Root public key to verify a signed .outpost bundle against (as `serve`).
+    #[arg(long)]
+    pub trust: Option<PathBuf>,
+    /// Rows per call.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Workers calling the model at once (each call runs on one core).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Timed calls per worker.
+    #[arg(long, default_value_t = 100)]
+    pub iterations: u64,
+    /// Untimed calls per worker before timing.
+    #[arg(long, default_value_t = 10)]
+    pub warmup: u64,
+    /// Seed of the random inputs (same seed, same inputs).
+    #[arg(long, default_value_t = outpost_runtime::bench::BenchOptions::default().seed)]
+    pub seed: u64,
+    /// Print one JSON object on stdout:
+    /// {"model","batch","threads","iterations","min_us","median_us","p99_us"}.
+    #[arg(long)]
+    pub json: bool,
+    /// Also time every node of the plan and print the op-by-op profile
+    /// (on stderr with --json, so stdout stays one object).
+    #[arg(long)]
+    pub profile: bool,
+}
+
+pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    use clap::FromArgMatches;
+    use outpost_runtime::bench::{format_profile, random_inputs, BenchOptions, Report};
+
+    let options = BenchOptions {
+        batch: args.batch,
+        threads: args.threads,
+        iterations: args.iterations,
+        warmup: args.warmup,
+        seed: args.seed,
+    };
+    options.check().context("bench options")?;
+    // Loaded by serve's own loader, with serve's defaults for everything but
+    // the model and the trust root: what is timed is what serve would run
+    // (same verification of a bundle, same load options), with no second
+    // copy of that code to drift apart from it.
+    let mut serve_argv: Vec<std::ffi::OsString> = vec!["serve".into(), "--model".into(), args.model.clone().into()];
+    if let Some(trust) = &args.trust {
+        serve_argv.extend(["--trust".into(), trust.clone().into()]);
+    }
+    let matches = <ServeArgs as clap::Args>::augment_args(clap::Command::new("serve"))
+        .try_get_matches_from(serve_argv)
+        .context("bench cannot hand its model to the serve loader")?;
+    let serve_args = ServeArgs::from_arg_matches(&matches).context("bench cannot hand its model to the serve loader")?;
+    let deployed = load_for_serving(&serve_args)?;
+    let info = deployed.info();
+    let label = if info.signer.is_some() {
+        format!("{}@{}", info.name, info.version)
+    } else {
+        args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| info.name.clone())
+    };
+    let model = deployed.model();
+    if args.batch > 1 && !model.runs_batches_natively() {
+        log::info!("{label}: batch fixed in the model, each call runs its {} rows one after another", args.batch);
+    }
+    let summary = outpost_runtime::bench::run(model, &options).with_context(|| format!("benchmarking {label}"))?;
+    let report = Report::new(label.clone(), &options, summary);
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{report}");
+    }
+    if args.profile {
+        let inputs = random_inputs(model.signature(), args.batch, args.seed)?;
+        let profile = model.profile(inputs, args.iterations).with_context(|| format!("profiling {label}"))?;
+        if args.json {
+            eprint!("{}", format_profile(&profile));
+        } else {
+            print!("\n{}", format_profile(&profile));
+        }
+    }
+    Ok(())
+}

@@ -10,10 +10,12 @@
 //! - [`drift`]: reference and device sketches, drift statistics, verdicts.
 //! - [`bundle`]: keys, signed manifests, the `.outpost` bundle and its verification.
 //! - [`batch`]: predicting a whole CSV / JSON Lines file in flat memory.
+//! - [`bench`]: timing a loaded model on seeded random inputs (`outpost-runtime bench`).
 //! - [`stream`]: predicting MQTT messages and publishing the answers.
 //! - [`protocol`]: the MQTT topics and messages between the fleet and its devices.
 
 pub mod batch;
+pub mod bench;
 pub mod bundle;
 pub mod dataset;
 pub mod drift;

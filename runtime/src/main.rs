@@ -20,6 +20,8 @@ enum Command {
     Verify(outpost_runtime::bundle::cli::VerifyArgs),
     /// Show a bundle's manifest and certificates as JSON (nothing is verified).
     Inspect(outpost_runtime::bundle::cli::InspectArgs),
+    /// Time inference on random inputs: min/median/p99 per call, op-by-op profile on request.
+    Bench(cli::BenchArgs),
 }
 
 mod cli;
@@ -32,6 +34,7 @@ fn main() {
         Command::Batch(args) => cli::batch(args),
         Command::Verify(args) => outpost_runtime::bundle::cli::verify(&args).map(|out| println!("{out}")),
         Command::Inspect(args) => outpost_runtime::bundle::cli::inspect(&args).map(|out| println!("{out}")),
+        Command::Bench(args) => cli::bench(args),
     };
     if let Err(e) = result {
         // One line with the whole cause chain: what failed and why.

@@ -20,6 +20,7 @@ mod convert;
 pub mod onnx;
 pub mod onnx_ml;
 mod plans;
+mod profile;
 mod quant_fusion;
 pub mod tflite;
 mod tflite_rewrite;
@@ -34,6 +35,7 @@ use tract_onnx::prelude::*;
 use crate::tensor::{ElementType, ModelSignature, TensorData, TensorSpec, TensorValues};
 
 pub use convert::{EdgeQuantization, InputAdapter, OutputAdapter};
+pub use profile::{NodeTime, Profile};
 
 /// Largest model file accepted, in bytes, whatever the format. Outpost
 /// targets devices with a few hundred MB of RAM; while loading, the file,
