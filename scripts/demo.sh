@@ -92,7 +92,7 @@ for dev in dev-a:pi4 dev-b:pi5; do
   tag=${dev##*:}
   port[$id]=$(free_port)
   mkdir -p "$work/$id"
-  "$fleet" provision "$id" --tag "$tag" --out "$work/$id/agent.toml" \
+  "$fleet" provision "$id" --force --tag "$tag" --out "$work/$id/agent.toml" \
     --state-dir "$work/$id/state" --listen "127.0.0.1:${port[$id]}" >/dev/null
   # Demo tuning (real agent.toml keys): a short probation and frequent
   # telemetry, so a stage takes seconds instead of minutes.

@@ -8,7 +8,7 @@
 //! | GET `/metrics` | – | Prometheus text (see [`crate::metrics`]) |
 //! | GET `/v1/devices` | ✓ | `{"devices":[…]}` (decommissioned devices left out) |
 //! | GET `/v1/devices/{id}` | ✓ | one device, with its current directive (a decommissioned one with `decommissioned_at`) |
-//! | POST `/v1/devices` | ✓ | provision: `{"device_id","tags":[…],"state_dir"?,"listen"?}` → 201 with the agent config (a decommissioned id gets new keys and credentials) |
+//! | POST `/v1/devices` | ✓ | provision: `{"device_id","tags":[…],"state_dir"?,"listen"?,"check_broker"?}` → 201 with the agent config (a decommissioned id gets new keys and credentials) |
 //! | POST `/v1/devices/{id}/decommission`, DELETE `/v1/devices/{id}` | ✓ | decommission: credential and key revoked, caches dropped, retained directive cleared → `{"device","decommissioned":true,"already":bool}`; 404 for an unknown id |
 //! | GET `/v1/models` | ✓ | `{"versions":[…]}` |
 //! | POST `/v1/uploads?filename=F` | ✓ | raw body → 201 `{"upload":ID,"size":N}`; single-use, for publish |
@@ -301,7 +301,7 @@ fn route(fleet: &Fleet, req: &mut Request) -> Reply {
                     fleet.audit(&actor, "provision", &target, &format!("refused: {e}"));
                     match e {
                         ProvisionError::Exists(_) => error(409, "conflict", &e.to_string()),
-                        ProvisionError::BadId(..) | ProvisionError::BadTag(_) => error(422, "invalid", &e.to_string()),
+                        ProvisionError::BadId(..) | ProvisionError::BadTag(_) | ProvisionError::LocalBroker { .. } => error(422, "invalid", &e.to_string()),
                         _ => error(500, "internal", &e.to_string()),
                     }
                 }

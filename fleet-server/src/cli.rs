@@ -4,6 +4,20 @@
 //! `OUTPOST_SERVER` / `OUTPOST_TOKEN` from the environment. Each prints a
 //! human table by default and the server's JSON with `--json`. A refusal is
 //! an error: exit code 1 and the server's one-line message.
+//!
+//! # Exit codes
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0 | done (for `rollout wait` and `rollout status --watch`: the rollout completed) |
+//! | 1 | an error: bad config, the server refused, the server unreachable, `check-config` found problems |
+//! | 2 | bad arguments (clap's usage error) |
+//! | 3 | `rollout wait` / `status --watch`: the rollout halted (a gate failed) |
+//! | 4 | `rollout wait` / `status --watch`: the rollout was aborted |
+//! | 5 | `rollout wait` / `status --watch`: `--timeout` passed before the rollout ended |
+//!
+//! A command that ends with a code other than 0 or 1 returns an [`Exit`]
+//! error, which the binary turns into that code.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -11,8 +25,29 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
-use crate::client::ApiClient;
+use crate::client::{ApiClient, ClientError};
 use crate::config::FleetConfig;
+
+/// Exit code: the rollout halted (module docs).
+pub const EXIT_HALTED: i32 = 3;
+/// Exit code: the rollout was aborted.
+pub const EXIT_ABORTED: i32 = 4;
+/// Exit code: `--timeout` passed first.
+pub const EXIT_TIMEOUT: i32 = 5;
+
+/// A command's end with a specific exit code: `stdout` printed as is (when
+/// not empty), each line of `message` on stderr.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Exit {
+    pub code: i32,
+    pub stdout: String,
+    pub message: String,
+}
+
+const EXIT_CODES_HELP: &str = "Exit codes: 0 the rollout completed, 1 an error (unknown rollout, \
+server refused), 2 bad arguments, 3 the rollout halted (a gate failed), 4 it was aborted, 5 --timeout \
+passed first. While the server cannot be reached (a restart), it keeps asking until --timeout.";
 
 /// Where the fleet server is.
 #[derive(Debug, Clone, clap::Args)]
@@ -57,6 +92,43 @@ pub struct ProvisionArgs {
     /// The agent's local predict API address on the device.
     #[arg(long)]
     pub listen: Option<String>,
+    /// Write the config even when its broker address is loopback or wildcard
+    /// (only an agent on the fleet server's machine could use it). Without
+    /// it such a provision is refused, registering nothing: set [broker]
+    /// public_url in fleet.toml to the address devices dial.
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CheckConfigArgs {
+    /// The fleet.toml to check.
+    #[arg(long)]
+    pub config: PathBuf,
+}
+
+/// `devices` lists; `devices show ID` shows one.
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct DevicesArgs {
+    #[command(subcommand)]
+    pub command: Option<DevicesCommand>,
+    #[command(flatten)]
+    pub list: ListArgs,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum DevicesCommand {
+    /// One device: tags, status, model, last error, its current directive.
+    Show(DeviceShowArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DeviceShowArgs {
+    /// The device id.
+    pub id: String,
     #[command(flatten)]
     pub server: ServerArgs,
 }
@@ -219,7 +291,12 @@ pub fn provision(args: &ProvisionArgs) -> anyhow::Result<String> {
         }
     }
     let client = args.server.client()?;
-    let body = json!({"device_id": args.device_id, "tags": args.tags, "state_dir": args.state_dir, "listen": args.listen});
+    // The server refuses a loopback or wildcard broker before registering
+    // anything unless --force (see `provisioning`).
+    let body = json!({
+        "device_id": args.device_id, "tags": args.tags, "state_dir": args.state_dir, "listen": args.listen,
+        "check_broker": !args.force,
+    });
     let answer = client.post_json("/v1/devices", &body)?;
     let config = answer["agent_config"].as_str().context("the server's answer has no agent_config")?;
     write_secret_file(&args.out, config)?;
@@ -251,7 +328,68 @@ fn age(unix: &Value) -> String {
     }
 }
 
-pub fn devices(args: &ListArgs) -> anyhow::Result<String> {
+/// `check-config --config fleet.toml`: problems on stderr (exit 1),
+/// warnings on stderr, the summary on stdout.
+pub fn check_config(args: &CheckConfigArgs) -> anyhow::Result<String> {
+    let report = crate::config::check_file(&args.config);
+    let mut lines: Vec<String> = report.problems.clone();
+    lines.extend(report.warnings.iter().map(|w| format!("warning: {w}")));
+    match report.summary {
+        Some(summary) if report.problems.is_empty() => {
+            for l in &lines {
+                eprintln!("outpost-fleet: {l}");
+            }
+            Ok(summary)
+        }
+        _ => Err(Exit { code: 1, stdout: String::new(), message: lines.join("\n") }.into()),
+    }
+}
+
+pub fn devices(args: &DevicesArgs) -> anyhow::Result<String> {
+    match &args.command {
+        Some(DevicesCommand::Show(a)) => device_show(a),
+        None => devices_list(&args.list),
+    }
+}
+
+/// `devices show ID`: the device record and its directive.
+fn device_show(a: &DeviceShowArgs) -> anyhow::Result<String> {
+    crate::provisioning::validate_device_id(&a.id)?;
+    let r = a.server.client()?.get(&format!("/v1/devices/{}", a.id))?;
+    if a.server.json {
+        return pretty(&r);
+    }
+    let d = &r["device"];
+    let model = match (d["model"].as_str(), d["version"].as_str()) {
+        (Some(m), Some(v)) => format!("{m}@{v}{}", if d["committed"] == true { " (committed)" } else { " (on probation)" }),
+        _ => "-".into(),
+    };
+    let mut rows = vec![
+        ("device", s(&d["id"])),
+        ("tags", d["tags"].as_array().map(|t| t.iter().map(s).collect::<Vec<_>>().join(",")).unwrap_or_default()),
+        ("status", d["status"].as_str().unwrap_or("unknown").to_string()),
+        ("model", model),
+        ("last seen", age(&d["last_seen"])),
+        ("last error", s(&d["last_error"])),
+        ("provisioned", age(&d["created_at"])),
+        ("directive seq", s(&d["directive_sequence"])),
+    ];
+    if !d["decommissioned_at"].is_null() {
+        rows.push(("decommissioned", age(&d["decommissioned_at"])));
+    }
+    let directive = &r["directive"];
+    if !directive.is_null() {
+        let desired = match (directive["model"].as_str(), directive["version"].as_str()) {
+            (Some(m), Some(v)) => format!("{m}@{v}"),
+            _ => directive.to_string(),
+        };
+        rows.push(("desired", format!("{desired} (sequence {})", s(&directive["sequence"]))));
+    }
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    Ok(rows.iter().map(|(k, v)| format!("{k:<width$}  {v}")).collect::<Vec<_>>().join("\n"))
+}
+
+fn devices_list(args: &ListArgs) -> anyhow::Result<String> {
     let answer = args.server.client()?.get("/v1/devices")?;
     if args.server.json {
         return pretty(&answer);
@@ -424,7 +562,13 @@ pub enum RolloutCommand {
     #[command(long_about = ROLLOUT_START_HELP)]
     Start(RolloutStartArgs),
     /// One rollout: state, stage, and per stage its devices and gate values.
-    Status(RolloutIdArgs),
+    #[command(long_about = "One rollout: state, stage, and per stage its devices and gate values. \
+With --watch, prints it again whenever it changes (asking every --interval) until the rollout ends, \
+and exits like `rollout wait`.")]
+    Status(RolloutStatusArgs),
+    /// Wait until the rollout ends; the exit code says how (0 completed, 3 halted, 4 aborted, 5 timeout).
+    #[command(after_help = EXIT_CODES_HELP)]
+    Wait(RolloutWaitArgs),
     /// Every rollout, newest first.
     List(ListArgs),
     /// Hold the rollout at its current stage (gates keep running: a failing one still halts it).
@@ -515,6 +659,41 @@ pub struct RolloutStartArgs {
     pub server: ServerArgs,
 }
 
+/// How to follow a rollout until it ends.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FollowArgs {
+    /// Give up after this long (exit 5), e.g. 90s, 30m, 2h.
+    #[arg(long, value_parser = duration_arg, default_value = "24h")]
+    pub timeout: String,
+    /// How often to ask the server.
+    #[arg(long, value_parser = duration_arg, default_value = "2s")]
+    pub interval: String,
+}
+
+#[derive(Debug, clap::Args)]
+#[command(after_help = "With --watch: ".to_string() + EXIT_CODES_HELP)]
+pub struct RolloutStatusArgs {
+    /// The rollout id (printed by `rollout start`, listed by `rollout list`).
+    pub id: String,
+    /// Print the status whenever it changes until the rollout ends (exit codes below).
+    #[arg(long)]
+    pub watch: bool,
+    #[command(flatten)]
+    pub follow: FollowArgs,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RolloutWaitArgs {
+    /// The rollout id (printed by `rollout start`, listed by `rollout list`).
+    pub id: String,
+    #[command(flatten)]
+    pub follow: FollowArgs,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct RolloutIdArgs {
     /// The rollout id (printed by `rollout start`, listed by `rollout list`).
@@ -547,7 +726,9 @@ pub struct RollbackArgs {
 pub fn rollout(args: &RolloutArgs) -> anyhow::Result<String> {
     match &args.command {
         RolloutCommand::Start(a) => rollout_start(a),
-        RolloutCommand::Status(a) => rollout_status(a),
+        RolloutCommand::Status(a) if a.watch => rollout_follow(&a.id, &a.follow, &a.server, true),
+        RolloutCommand::Status(a) => rollout_status(&a.id, &a.server),
+        RolloutCommand::Wait(a) => rollout_follow(&a.id, &a.follow, &a.server, false),
         RolloutCommand::List(a) => rollout_list(a),
         RolloutCommand::Pause(a) => rollout_command(a, "pause"),
         RolloutCommand::Resume(a) => rollout_command(a, "resume"),
@@ -661,12 +842,105 @@ pub fn rollout_text(r: &Value) -> String {
     out
 }
 
-fn rollout_status(a: &RolloutIdArgs) -> anyhow::Result<String> {
-    let r = a.server.client()?.get(&format!("/v1/rollouts/{}", a.id))?;
-    if a.server.json {
+/// A rollout id as a path segment: refused if it could change the path.
+fn rollout_path(id: &str) -> anyhow::Result<String> {
+    if id.is_empty() || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) || id.starts_with('.') {
+        bail!("rollout id {id:?}: only letters, digits, '-', '_' and '.'");
+    }
+    Ok(format!("/v1/rollouts/{id}"))
+}
+
+fn rollout_status(id: &str, server: &ServerArgs) -> anyhow::Result<String> {
+    let r = server.client()?.get(&rollout_path(id)?)?;
+    if server.json {
         return pretty(&r);
     }
     Ok(rollout_text(&r))
+}
+
+/// Errors worth asking again about: the server is restarting or briefly
+/// overloaded (rollouts survive a restart), as opposed to an answer that
+/// will not change (an unknown id, a bad token).
+fn transient(e: &ClientError) -> bool {
+    match e {
+        ClientError::Connect { .. } | ClientError::Io(_) | ClientError::Protocol(_) => true,
+        ClientError::Api { status, .. } => matches!(status, 429 | 500 | 502 | 503 | 504),
+        ClientError::BadServer(_) | ClientError::File { .. } => false,
+    }
+}
+
+/// `rollout wait ID` and `rollout status ID --watch`: polls until the
+/// rollout ends (module docs for the exit codes). `watch` prints every
+/// status that differs from the previous one as it comes; `wait` prints
+/// only the last.
+fn rollout_follow(id: &str, follow: &FollowArgs, server: &ServerArgs, watch: bool) -> anyhow::Result<String> {
+    use std::time::{Duration, Instant};
+    let path = rollout_path(id)?;
+    let timeout = crate::rollout::parse_duration(&follow.timeout).map_err(anyhow::Error::msg)?;
+    let interval = crate::rollout::parse_duration(&follow.interval).map_err(anyhow::Error::msg)?.max(Duration::from_millis(100));
+    // One slow answer must not hold the poll past the timeout for long.
+    let client = server.client()?.with_read_timeout(interval.max(Duration::from_secs(10)));
+    let render = |r: &Value| if server.json { serde_json::to_string(r).unwrap_or_default() } else { rollout_text(r) };
+    let deadline = Instant::now() + timeout;
+    let mut last_shown = String::new();
+    let mut last: Option<Value> = None;
+    let mut unreachable_said = false;
+    loop {
+        match client.get(&path) {
+            Ok(r) => {
+                unreachable_said = false;
+                let text = render(&r);
+                if watch && text != last_shown {
+                    let mut out = std::io::stdout().lock();
+                    if !server.json {
+                        let _ = writeln!(out, "--- {}", clock(&json!(outpost_runtime::bundle::unix_now())));
+                    }
+                    let _ = writeln!(out, "{text}");
+                    let _ = out.flush();
+                    last_shown = text.clone();
+                }
+                let state = r["state"].as_str().unwrap_or_default().to_string();
+                let reason = r["reason"].as_str().map(|why| format!(": {why}")).unwrap_or_default();
+                // What is left to print at the end: the final status, unless --watch just did.
+                let stdout = if watch { String::new() } else if server.json { pretty(&r)? } else { text };
+                match state.as_str() {
+                    "completed" => return Ok(stdout),
+                    "halted" => {
+                        return Err(Exit { code: EXIT_HALTED, stdout, message: format!("rollout {id} halted{reason}") }.into())
+                    }
+                    "aborted" => {
+                        return Err(Exit { code: EXIT_ABORTED, stdout, message: format!("rollout {id} aborted{reason}") }.into())
+                    }
+                    "running" | "paused" => {}
+                    other => bail!("rollout {id}: the server reports state {other:?}, which this outpost-fleet does not know"),
+                }
+                last = Some(r);
+            }
+            Err(e) if transient(&e) => {
+                if !unreachable_said {
+                    eprintln!("outpost-fleet: {e}; asking again every {}", follow.interval);
+                    unreachable_said = true;
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            let state = last.as_ref().and_then(|r| r["state"].as_str()).unwrap_or("unknown (server unreachable)");
+            let stdout = match (&last, watch) {
+                (Some(r), false) if server.json => pretty(r)?,
+                (Some(r), false) => rollout_text(r),
+                _ => String::new(),
+            };
+            return Err(Exit {
+                code: EXIT_TIMEOUT,
+                stdout,
+                message: format!("rollout {id} still {state} after --timeout {}", follow.timeout),
+            }
+            .into());
+        }
+        std::thread::sleep(interval.min(deadline - now));
+    }
 }
 
 fn rollout_list(a: &ListArgs) -> anyhow::Result<String> {
@@ -697,7 +971,7 @@ fn rollout_list(a: &ListArgs) -> anyhow::Result<String> {
 }
 
 fn rollout_command(a: &RolloutIdArgs, verb: &str) -> anyhow::Result<String> {
-    let r = a.server.client()?.post_json(&format!("/v1/rollouts/{}/{verb}", a.id), &json!({}))?;
+    let r = a.server.client()?.post_json(&format!("{}/{verb}", rollout_path(&a.id)?), &json!({}))?;
     if a.server.json {
         return pretty(&r);
     }

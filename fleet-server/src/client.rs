@@ -33,7 +33,12 @@ pub struct ApiClient {
     port: u16,
     token: String,
     actor: String,
+    read_timeout: Duration,
 }
+
+/// How long a connection attempt may take: a server that does not answer
+/// a SYN is down, whatever the kernel's own retry schedule says.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl ApiClient {
     pub fn new(server: &str, token: &str) -> Result<ApiClient, ClientError> {
@@ -49,15 +54,36 @@ impl ApiClient {
         let user = std::env::var("USER").unwrap_or_else(|_| "operator".into());
         let hostname = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
         let actor = if hostname.is_empty() { user } else { format!("{user}@{hostname}") };
-        Ok(ApiClient { host: host.trim_matches(['[', ']']).into(), port, token: token.into(), actor })
+        // Publishing runs the whole gate before answering: allow minutes.
+        let read_timeout = Duration::from_secs(600);
+        Ok(ApiClient { host: host.trim_matches(['[', ']']).into(), port, token: token.into(), actor, read_timeout })
+    }
+
+    /// The longest wait for any read of an answer (default 10 minutes, for
+    /// publish); pollers that ask every few seconds use less.
+    pub fn with_read_timeout(mut self, timeout: Duration) -> ApiClient {
+        self.read_timeout = timeout;
+        self
     }
 
     fn connect(&self) -> Result<TcpStream, ClientError> {
-        let s = TcpStream::connect((self.host.as_str(), self.port))
-            .map_err(|source| ClientError::Connect { server: format!("http://{}:{}", self.host, self.port), source })?;
-        // Publishing runs the whole gate before answering: allow minutes.
-        s.set_read_timeout(Some(Duration::from_secs(600)))?;
-        Ok(s)
+        use std::net::ToSocketAddrs;
+        let server = format!("http://{}:{}", self.host, self.port);
+        let addrs = (self.host.as_str(), self.port)
+            .to_socket_addrs()
+            .map_err(|source| ClientError::Connect { server: server.clone(), source })?;
+        let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, format!("{} has no address", self.host));
+        for addr in addrs {
+            match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+                Ok(s) => {
+                    s.set_read_timeout(Some(self.read_timeout))?;
+                    s.set_write_timeout(Some(self.read_timeout))?;
+                    return Ok(s);
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(ClientError::Connect { server, source: last })
     }
 
     fn head(&self, method: &str, path: &str, content_type: &str, len: u64) -> String {
@@ -107,6 +133,10 @@ impl ApiClient {
     }
 }
 
+/// The largest JSON answer the CLI reads (a device list of a big fleet
+/// fits many times over).
+const MAX_ANSWER_BYTES: u64 = 256 << 20;
+
 fn read_response(stream: TcpStream) -> Result<Value, ClientError> {
     let mut r = BufReader::new(stream);
     let mut line = String::new();
@@ -142,16 +172,22 @@ fn read_response(stream: TcpStream) -> Result<Value, ClientError> {
             if size == 0 {
                 break;
             }
-            let mut chunk = vec![0u8; size];
-            r.read_exact(&mut chunk)?;
-            body.extend_from_slice(&chunk);
+            // Read what arrives, not what the size line claims: a lying
+            // server cannot make the CLI allocate gigabytes up front.
+            let got = (&mut r).take(size as u64).read_to_end(&mut body)?;
+            if got < size {
+                return Err(ClientError::Protocol("the answer ended inside a chunk".into()));
+            }
+            if body.len() as u64 > MAX_ANSWER_BYTES {
+                return Err(ClientError::Protocol(format!("answer larger than {MAX_ANSWER_BYTES} bytes")));
+            }
             line.clear();
             r.read_line(&mut line)?;
         }
     } else if let Some(n) = length {
-        r.take(n).read_to_end(&mut body)?;
+        r.take(n.min(MAX_ANSWER_BYTES)).read_to_end(&mut body)?;
     } else {
-        r.read_to_end(&mut body)?;
+        r.take(MAX_ANSWER_BYTES).read_to_end(&mut body)?;
     }
     let value: Value = serde_json::from_slice(&body)
         .map_err(|_| ClientError::Protocol(format!("HTTP {status}: {}", String::from_utf8_lossy(&body).trim())))?;

@@ -92,6 +92,9 @@ impl BrokerUrl {
         if host.is_empty() || host.contains('/') {
             return Err(format!("{url:?} has no host"));
         }
+        if port == 0 {
+            return Err(format!("{url:?}: port 0 cannot be dialled"));
+        }
         Ok(BrokerUrl { host: host.to_string(), port, tls })
     }
 }
@@ -171,6 +174,26 @@ struct RawArtifacts {
     burst: Option<u32>,
 }
 
+/// Why `secret` is somebody's example rather than a secret, if it is: a
+/// `change-me`, a `<…>` or `…` left from a template, this file's own
+/// example token, or one character repeated. Such a value is refused at
+/// start like a missing one: it would guard the fleet with a string
+/// anybody can read in the docs.
+pub fn placeholder_secret(secret: &str) -> Option<String> {
+    let s = secret.trim().to_ascii_lowercase();
+    let template = (s.starts_with('<') && s.ends_with('>')) || s.contains('…') || s == "a long random string";
+    if template || ["change-me", "changeme", "change_me", "replace-me", "replaceme"].iter().any(|p| s.contains(p)) {
+        return Some(format!("{secret:?} is a placeholder; use a long random string (e.g. `openssl rand -hex 32`)"));
+    }
+    let mut chars = s.chars();
+    if let (Some(first), true) = (chars.next(), s.chars().count() > 1) {
+        if chars.all(|c| c == first) {
+            return Some("one character repeated is not a secret; use a long random string (e.g. `openssl rand -hex 32`)".into());
+        }
+    }
+    None
+}
+
 impl FleetConfig {
     /// Reads and validates `path`. Relative paths inside are relative to the
     /// config file's directory, so a config and its data can move together.
@@ -202,6 +225,9 @@ impl FleetConfig {
         if api_token.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(key("api_token", "must not contain spaces or control characters".into()));
         }
+        if let Some(why) = placeholder_secret(&api_token) {
+            return Err(key("api_token", why));
+        }
 
         let b = raw.broker.unwrap_or_default();
         let broker = match (b.listen, b.url) {
@@ -215,6 +241,9 @@ impl FleetConfig {
                 }
                 if b.username.is_some() != b.password.is_some() {
                     return Err(key("broker.password", "broker.username and broker.password go together".into()));
+                }
+                if let Some(why) = b.password.as_deref().and_then(placeholder_secret) {
+                    return Err(key("broker.password", why));
                 }
                 if b.tls_cert.is_some() || b.tls_key.is_some() {
                     return Err(key("broker.tls_cert", "only for the embedded broker (broker.listen); configure TLS on the external broker itself".into()));
@@ -239,6 +268,9 @@ impl FleetConfig {
                     (None, Some(_)) => return Err(key("broker.tls_cert", "missing: broker.tls_cert and broker.tls_key go together".into())),
                 };
                 if let Some(p) = &b.dashboard_password {
+                    if let Some(why) = placeholder_secret(p) {
+                        return Err(key("broker.dashboard_password", why));
+                    }
                     if p.len() < MIN_TOKEN_LEN || p.chars().any(|c| c.is_whitespace() || c.is_control()) {
                         return Err(key(
                             "broker.dashboard_password",
@@ -303,6 +335,130 @@ impl FleetConfig {
     }
 }
 
+/// What `outpost-fleet check-config` found: problems (the server would
+/// not start, or would start and fail devices), warnings (it works, but
+/// probably not as meant), and a one-line summary when there is no problem.
+#[derive(Debug, Default)]
+pub struct CheckReport {
+    pub problems: Vec<String>,
+    pub warnings: Vec<String>,
+    pub summary: Option<String>,
+}
+
+/// Checks `path` as `serve` would read it and then some: the keys load
+/// (certificate signed by the root, not expired), `data_dir` is writable,
+/// the broker's TLS files are readable, and the broker address written
+/// into agent configs is one a device elsewhere can dial. Creates nothing.
+pub fn check_file(path: &Path) -> CheckReport {
+    let mut report = CheckReport::default();
+    let c = match FleetConfig::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            report.problems.push(e.to_string());
+            return report;
+        }
+    };
+    let name = path.display();
+    let mut problem = |key: &str, message: String| report.problems.push(format!("{name}: {key}: {message}"));
+
+    let mut root_id = None;
+    if !c.keys_dir.is_dir() {
+        problem(
+            "keys_dir",
+            format!("{} is not a directory (make one with `outpost-fleet keygen --out {}`)", c.keys_dir.display(), c.keys_dir.display()),
+        );
+    } else {
+        match crate::keys::load_trust_root(&c.keys_dir) {
+            Ok(root) => root_id = Some(root.key_id().to_string()),
+            Err(e) => problem("keys_dir", format!("the root public key: {e}")),
+        }
+        if let Err(e) = crate::keys::load_signer(&c.keys_dir) {
+            problem("keys_dir", format!("the online signing key: {e}"));
+        }
+    }
+
+    if let Err(e) = writable_dir(&c.data_dir) {
+        problem("data_dir", e);
+    }
+
+    let broker_text = match &c.broker {
+        BrokerMode::Embedded { listen, tls, .. } => {
+            if let Some(files) = tls {
+                for (key, file) in [("broker.tls_cert", &files.cert), ("broker.tls_key", &files.key)] {
+                    if let Err(e) = std::fs::File::open(file) {
+                        problem(key, format!("{}: {e}", file.display()));
+                    }
+                }
+            }
+            format!("embedded on {listen} ({})", if tls.is_some() { "TLS" } else { "plaintext" })
+        }
+        BrokerMode::External { url, .. } => format!("external at {url}"),
+    };
+    if let BrokerMode::Embedded { listen, tls: None, .. } = &c.broker {
+        if !listen.ip().is_loopback() {
+            report.warnings.push(format!(
+                "{name}: broker.listen: {listen} serves plaintext MQTT (device passwords included) to the network; set broker.tls_cert and broker.tls_key"
+            ));
+        }
+    }
+    if crate::provisioning::is_local_broker(&c.public_broker_url) {
+        report.warnings.push(format!(
+            "{name}: broker.public_url: devices would be given {}, which only this machine can dial; `provision` refuses it without --force. \
+             Set public_url in [broker] to the address devices dial, e.g. public_url = \"mqtts://fleet.example.com:8883\"",
+            c.public_broker_url
+        ));
+    }
+    if c.keys_dir.join(crate::keys::ROOT_KEY).exists() {
+        report.warnings.push(format!(
+            "{name}: keys_dir: {} holds the root secret key; keep it offline (the server needs {}, {} and {} only)",
+            c.keys_dir.display(),
+            crate::keys::ROOT_PUB,
+            crate::keys::ONLINE_KEY,
+            crate::keys::ONLINE_CERT
+        ));
+    }
+    if report.problems.is_empty() {
+        report.summary = Some(format!(
+            "{name}: OK: data_dir {}, API on {}, keys {} (root key {}), broker {broker_text}, devices are given {}",
+            c.data_dir.display(),
+            c.api_listen,
+            c.keys_dir.display(),
+            root_id.unwrap_or_else(|| "-".into()),
+            c.public_broker_url,
+        ));
+    }
+    report
+}
+
+/// Whether the server could create and write `dir`: the directory itself if
+/// it exists, else its nearest existing ancestor (the server creates the
+/// rest). Creates a uniquely named file there and removes it at once.
+fn writable_dir(dir: &Path) -> Result<(), String> {
+    let mut at = dir;
+    while !at.exists() {
+        match at.parent() {
+            Some(p) if !p.as_os_str().is_empty() => at = p,
+            _ => at = Path::new("."),
+        }
+    }
+    if !at.is_dir() {
+        return Err(format!("{} is not a directory", at.display()));
+    }
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let probe = at.join(format!(".outpost-check-config-{}-{nanos}", std::process::id()));
+    let created = std::fs::OpenOptions::new().write(true).create_new(true).open(&probe);
+    if created.is_ok() {
+        let _ = std::fs::remove_file(&probe);
+    }
+    created.map(drop).map_err(|e| {
+        if at == dir {
+            format!("{} is not writable: {e}", dir.display())
+        } else {
+            format!("{} cannot be created: {} is not writable: {e}", dir.display(), at.display())
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,6 +496,11 @@ mod tests {
             (&format!("{GOOD}[broker]\nurl = \"mqtt://x:1\"\ndashboard_password = \"0123456789abcdef\"\n"), "broker.dashboard_password: only"),
             (&format!("{GOOD}[artifacts]\nmax_chunk_bytes = 10\n"), "artifacts.max_chunk_bytes"),
             (&format!("{GOOD}dta_dir = 1\n"), "line 4: unknown field `dta_dir`"),
+            ("data_dir = \"d\"\napi_token = \"CHANGE-ME-0123456789\"\nkeys_dir = \"/k\"\n", "api_token: \"CHANGE-ME-0123456789\" is a placeholder"),
+            ("data_dir = \"d\"\napi_token = \"aaaaaaaaaaaaaaaaaaaa\"\nkeys_dir = \"/k\"\n", "api_token: one character repeated"),
+            (&format!("{GOOD}[broker]\ndashboard_password = \"<dashboard password>\"\n"), "broker.dashboard_password: \"<dashboard password>\" is a placeholder"),
+            (&format!("{GOOD}[broker]\nurl = \"mqtt://x:0\"\n"), "broker.url: \"mqtt://x:0\": port 0"),
+            (&format!("{GOOD}[broker]\npublic_url = \"mqtt://x:0\"\n"), "broker.public_url: "),
         ];
         for (text, want) in cases {
             let err = parse(text).expect_err(want).to_string();

@@ -1,11 +1,20 @@
 //! `outpost-fleet`: the fleet server and the operator's command line.
 //! A thin binary: every subcommand is a call into the `outpost_fleet` library.
+//! Exit codes: 0 done, 1 an error, 2 bad arguments; `rollout wait` and
+//! `rollout status --watch` add 3 halted, 4 aborted, 5 timeout (see
+//! `outpost_fleet::cli`).
 
 use clap::{Parser, Subcommand};
 use outpost_fleet::{bundle_cmd, cli, drift_cmd, keys};
 
 #[derive(Parser)]
-#[command(name = "outpost-fleet", version, about = "Sign, publish and roll out ML models to a fleet of devices")]
+#[command(
+    name = "outpost-fleet",
+    version,
+    about = "Sign, publish and roll out ML models to a fleet of devices",
+    after_help = "Exit codes: 0 done, 1 an error (one line on stderr), 2 bad arguments; `rollout wait` and \
+`rollout status --watch` also 3 halted, 4 aborted, 5 timeout."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -19,10 +28,13 @@ enum Command {
     Bundle(bundle_cmd::BundleArgs),
     /// Run the fleet server (API, embedded broker, artifact serving).
     Serve(cli::ServeArgs),
+    /// Check a fleet.toml without starting: keys, data_dir, broker; one line per problem.
+    #[command(name = "check-config")]
+    CheckConfig(cli::CheckConfigArgs),
     /// Register a device and write its ready-to-flash agent config.
     Provision(cli::ProvisionArgs),
-    /// List the fleet's devices.
-    Devices(cli::ListArgs),
+    /// List the fleet's devices; `devices show ID` for one.
+    Devices(cli::DevicesArgs),
     /// Take a device out of the fleet: revoke its credential and key, clear its directive.
     Decommission(cli::DecommissionArgs),
     /// List published model versions.
@@ -76,6 +88,7 @@ fn main() {
             limit_malloc_arenas();
             cli::serve(&args)
         }
+        Command::CheckConfig(args) => cli::check_config(&args),
         Command::Provision(args) => cli::provision(&args),
         Command::Devices(args) => cli::devices(&args),
         Command::Decommission(args) => cli::decommission(&args),
@@ -89,8 +102,21 @@ fn main() {
         Command::Simulate(args) => outpost_fleet::simulate::simulate_command(&args),
     };
     match result {
-        Ok(out) => println!("{out}"),
+        Ok(out) => {
+            if !out.is_empty() {
+                println!("{out}");
+            }
+        }
         Err(e) => {
+            if let Some(exit) = e.downcast_ref::<cli::Exit>() {
+                if !exit.stdout.is_empty() {
+                    println!("{}", exit.stdout);
+                }
+                for line in exit.message.lines() {
+                    eprintln!("outpost-fleet: {line}");
+                }
+                std::process::exit(exit.code);
+            }
             // One line with the whole cause chain: what failed and why.
             eprintln!("outpost-fleet: {e:#}");
             std::process::exit(1);

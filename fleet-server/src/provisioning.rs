@@ -31,6 +31,20 @@
 //! listen     = "127.0.0.1:8080"
 //! ```
 //!
+//! # A broker address a device can dial
+//!
+//! The `broker` written is the fleet's `[broker] public_url`, or, without
+//! one, derived from where the broker listens (an external broker's `url`,
+//! the embedded broker's `listen`, with a wildcard `0.0.0.0` written as
+//! `localhost`). A loopback or wildcard address there works only for an
+//! agent on the fleet server's own machine: a Pi flashed with it never
+//! connects. So a request with `"check_broker": true` (what `outpost-fleet
+//! provision` sends unless given `--force`) is refused, before anything is
+//! registered, with [`ProvisionError::LocalBroker`], which says how to set
+//! `public_url`. The API alone does not check by default, so scripts and
+//! tools that provision agents on the same machine (tests, `simulate`) go
+//! on working.
+//!
 //! `trust_root` and `device_key` hold the one key line of an outpost key file
 //! (see `outpost_runtime::bundle::keys`), so `SecretKey::from_file_text` /
 //! `PublicKey::from_file_text` read them as they are.
@@ -59,8 +73,34 @@ pub enum ProvisionError {
     Exists(String),
     #[error("the OS random source failed: {0}")]
     Random(String),
+    #[error(
+        "the broker address written into the agent config would be {broker}, which only a device on the fleet server's own \
+         machine can reach: set `public_url` in the [broker] table of fleet.toml to the address devices dial (e.g. \
+         public_url = \"mqtts://fleet.example.com:8883\") and restart the fleet server, or provision with --force \
+         for an agent on this machine"
+    )]
+    LocalBroker { broker: String },
     #[error(transparent)]
     Registry(RegistryError),
+}
+
+/// Whether only the fleet server's own machine can dial `broker`: a
+/// loopback host (`localhost`, `127.x`, `::1`, `*.localhost`) or a wildcard
+/// address (`0.0.0.0`, `::`), IPv4-mapped forms included.
+pub fn is_local_broker(broker: &BrokerUrl) -> bool {
+    let host = broker.host.trim_end_matches('.').to_ascii_lowercase();
+    if host == "localhost" || host.ends_with(".localhost") {
+        return true;
+    }
+    match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(ip)) => ip.is_loopback() || ip.is_unspecified(),
+        Ok(std::net::IpAddr::V6(ip)) => {
+            ip.is_loopback()
+                || ip.is_unspecified()
+                || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback() || v4.is_unspecified())
+        }
+        Err(_) => false,
+    }
 }
 
 /// What to provision.
@@ -71,6 +111,10 @@ pub struct ProvisionRequest {
     pub tags: Vec<String>,
     pub state_dir: Option<String>,
     pub listen: Option<String>,
+    /// Refuse (before registering anything) when the broker address to be
+    /// written is loopback or wildcard (module docs). Default false.
+    #[serde(default)]
+    pub check_broker: bool,
 }
 
 /// A provisioned device: the public facts, and the config to flash.
@@ -141,6 +185,9 @@ pub fn provision(
         if !tags.contains(t) {
             tags.push(t.clone());
         }
+    }
+    if req.check_broker && is_local_broker(broker) {
+        return Err(ProvisionError::LocalBroker { broker: broker.to_string() });
     }
     let mut seed = [0u8; 32];
     let mut secret = [0u8; 32];
@@ -223,6 +270,18 @@ mod tests {
         let pinned = PublicKey::from_file_text(cfg["trust_root"].as_str().expect("root"), Path::new("agent.toml")).expect("root");
         assert_eq!(pinned, root);
         assert!(matches!(provision(&reg, &root, &broker, &req), Err(ProvisionError::Exists(_))));
+        // Asked to, a broker only this machine can dial is refused, and nothing is registered.
+        for local in ["mqtt://localhost:1883", "mqtt://127.0.0.1:1", "mqtt://[::1]:1883", "mqtt://0.0.0.0:1883", "mqtt://[::]:1", "mqtt://[::ffff:127.0.0.2]:1"] {
+            let b = BrokerUrl::parse(local).expect("url");
+            assert!(is_local_broker(&b), "{local}");
+            let req = ProvisionRequest { device_id: "pi-2".into(), check_broker: true, ..Default::default() };
+            let e = provision(&reg, &root, &b, &req).expect_err(local);
+            assert!(matches!(e, ProvisionError::LocalBroker { .. }) && e.to_string().contains("public_url"), "{e}");
+        }
+        assert!(reg.device("pi-2").expect("registry").is_none(), "a refused provision registers nothing");
+        for remote in ["mqtt://10.0.0.5:1883", "mqtts://fleet.lan", "mqtt://[fd00::1]:1883"] {
+            assert!(!is_local_broker(&BrokerUrl::parse(remote).expect("url")), "{remote}");
+        }
         for bad in ["", "a/b", "+", "x#", "outpost-fleet-1", "-x"] {
             assert!(validate_device_id(bad).is_err(), "{bad:?}");
         }

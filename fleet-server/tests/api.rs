@@ -169,7 +169,7 @@ fn cli_round_trip() {
     assert_eq!(err.trim().lines().last().map(|l| l.starts_with("outpost-fleet: accuracy")), Some(true), "{err}");
 
     let out_path = fleet.dir.path().join("dev.toml");
-    let (code, out, err) = run(&["provision", "dev-9", "--tag", "pi4", "--tag", "lab", "--out", &p(&out_path)]);
+    let (code, out, err) = run(&["provision", "dev-9", "--tag", "pi4", "--tag", "lab", "--force", "--out", &p(&out_path)]);
     assert_eq!(code, Some(0), "{out}{err}");
     #[cfg(unix)]
     {

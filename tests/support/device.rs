@@ -54,6 +54,7 @@ impl Device {
         let listen = format!("127.0.0.1:{port}");
         let answer = fleet.cli_json(&[
             "provision",
+            "--force",
             id,
             "--tag",
             tag,
