@@ -593,5 +593,22 @@ mod tests {
         assert_eq!(parse_broker("mqtt://[::1]:1884").unwrap().host, "::1");
         assert!(parse_broker("mqtt://u:p@h").is_err());
         assert!(parse_broker("h:1883").is_err());
+        assert!(parse_broker("mqtt://h:0").is_err(), "port 0 cannot be dialled");
+        assert!(parse_broker("mqtt://:1883").is_err());
+    }
+
+    #[test]
+    fn placeholders_are_named_and_real_values_pass() {
+        assert!(placeholder_host("fleet.example.com") && placeholder_host("EXAMPLE.org.") && placeholder_host("x.invalid"));
+        assert!(!placeholder_host("fleet.lan") && !placeholder_host("examples.com") && !placeholder_host("127.0.0.1"));
+        let raw = |password: &str, broker: &str| Raw {
+            password: Some(password.into()),
+            broker: Some(broker.into()),
+            ..Default::default()
+        };
+        let keys = |r: Raw| placeholders(&r).into_iter().map(|e| e.key).collect::<Vec<_>>();
+        assert_eq!(keys(raw("change-me", "mqtt://fleet.lan")), ["password"]);
+        assert_eq!(keys(raw("<password>", "mqtt://[::]:1883")), ["broker", "password"]);
+        assert!(keys(raw("3f1c9a0b7d2e4f6a", "mqtts://10.0.0.5:8883")).is_empty());
     }
 }
