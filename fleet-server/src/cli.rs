@@ -115,8 +115,35 @@ pub struct CheckConfigArgs {
 pub struct DevicesArgs {
     #[command(subcommand)]
     pub command: Option<DevicesCommand>,
+    /// Only devices with this tag (repeatable: any of them).
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+    /// Only devices running this model: NAME or NAME@VERSION.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Only devices whose last reported status is this (e.g. committed, probation, offline; `unknown` for never heard from).
+    #[arg(long)]
+    pub status: Option<String>,
     #[command(flatten)]
     pub list: ListArgs,
+}
+
+impl DevicesArgs {
+    /// Whether device `d` (as `/v1/devices` lists it) passes the filters.
+    fn keeps(&self, d: &Value) -> bool {
+        let tags: Vec<&str> = d["tags"].as_array().map(|t| t.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+        let tag_ok = self.tags.is_empty() || self.tags.iter().any(|t| tags.contains(&t.as_str()));
+        let model_ok = match &self.model {
+            None => true,
+            Some(want) => match (d["model"].as_str(), d["version"].as_str()) {
+                (Some(m), Some(v)) if want.contains('@') => *want == format!("{m}@{v}"),
+                (Some(m), _) => want == m,
+                _ => false,
+            },
+        };
+        let status_ok = self.status.as_deref().map_or(true, |want| d["status"].as_str().unwrap_or("unknown") == want);
+        tag_ok && model_ok && status_ok
+    }
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -348,7 +375,7 @@ pub fn check_config(args: &CheckConfigArgs) -> anyhow::Result<String> {
 pub fn devices(args: &DevicesArgs) -> anyhow::Result<String> {
     match &args.command {
         Some(DevicesCommand::Show(a)) => device_show(a),
-        None => devices_list(&args.list),
+        None => devices_list(args),
     }
 }
 
@@ -389,8 +416,12 @@ fn device_show(a: &DeviceShowArgs) -> anyhow::Result<String> {
     Ok(rows.iter().map(|(k, v)| format!("{k:<width$}  {v}")).collect::<Vec<_>>().join("\n"))
 }
 
-fn devices_list(args: &ListArgs) -> anyhow::Result<String> {
-    let answer = args.server.client()?.get("/v1/devices")?;
+fn devices_list(filters: &DevicesArgs) -> anyhow::Result<String> {
+    let args = &filters.list;
+    let mut answer = args.server.client()?.get("/v1/devices")?;
+    if let Some(all) = answer["devices"].as_array_mut() {
+        all.retain(|d| filters.keeps(d));
+    }
     if args.server.json {
         return pretty(&answer);
     }

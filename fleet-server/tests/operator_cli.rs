@@ -198,8 +198,23 @@ fn rollout_wait_and_watch_exit_by_how_the_rollout_ends_and_devices_show() {
     assert_eq!(shown["device"]["id"], "quiet-1");
     assert_eq!(fleet_cli(Some(&fleet), &["devices", "show", "nobody"]).status.code(), Some(1));
     assert_eq!(fleet_cli(Some(&fleet), &["devices", "show", "../rollouts"]).status.code(), Some(1));
-    // The list still works as before.
+    // The list still works as before, and filters by tag, status, model.
+    fleet.provision("other-1");
     let o = fleet_cli(Some(&fleet), &["devices"]);
     assert_eq!(o.status.code(), Some(0), "{}", err(&o));
-    assert!(out(&o).contains("quiet-1"), "{}", out(&o));
+    assert!(out(&o).contains("quiet-1") && out(&o).contains("other-1"), "{}", out(&o));
+    let ids = |args: &[&str]| -> Vec<String> {
+        let mut all = vec!["devices", "--json"];
+        all.extend_from_slice(args);
+        let o = fleet_cli(Some(&fleet), &all);
+        assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+        let v: Value = serde_json::from_str(&out(&o)).expect("json");
+        let mut ids: Vec<String> = v["devices"].as_array().expect("devices").iter().map(|d| d["id"].as_str().expect("id").to_string()).collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(ids(&["--tag", "test"]), ["other-1", "quiet-1"]);
+    assert!(ids(&["--tag", "nope"]).is_empty());
+    assert_eq!(ids(&["--status", "unknown"]), ["other-1", "quiet-1"], "never heard from");
+    assert!(ids(&["--model", "bc@1.0.0"]).is_empty(), "neither runs a model");
 }
