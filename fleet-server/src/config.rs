@@ -348,7 +348,8 @@ pub struct CheckReport {
 /// Checks `path` as `serve` would read it and then some: the keys load
 /// (certificate signed by the root, not expired), `data_dir` is writable,
 /// the broker's TLS files are readable, and the broker address written
-/// into agent configs is one a device elsewhere can dial. Creates nothing.
+/// into agent configs is one a device elsewhere can dial. Leaves nothing
+/// behind (the write test removes its probe file).
 pub fn check_file(path: &Path) -> CheckReport {
     let mut report = CheckReport::default();
     let c = match FleetConfig::load(path) {
@@ -438,7 +439,7 @@ fn writable_dir(dir: &Path) -> Result<(), String> {
     while !at.exists() {
         match at.parent() {
             Some(p) if !p.as_os_str().is_empty() => at = p,
-            _ => at = Path::new("."),
+            _ => return Err(format!("{}: no part of the path exists", dir.display())),
         }
     }
     if !at.is_dir() {
