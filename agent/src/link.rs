@@ -164,7 +164,7 @@ impl Link {
                         Ok(_) => None,
                         Err(e) => {
                             let wait = jittered(backoff);
-                            log::warn!("broker connection to {} lost or refused ({e}); reconnecting in {wait:?}", { let (h, p) = connection.eventloop.mqtt_options.broker_address(); format!("{h}:{p}") });
+                            log::warn!("broker connection lost ({}: {e}); reconnecting in {wait:?}", { let (h, p) = connection.eventloop.mqtt_options.broker_address(); format!("{h}:{p}") });
                             if events.send(crate::agent::Input::Link(LinkEvent::Disconnected(e.to_string()))).is_err() {
                                 return;
                             }
