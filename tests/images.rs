@@ -301,6 +301,68 @@ fn example_agent_config_has_the_keys_design_fixes() {
     assert!(config["listen"].as_str().unwrap().parse::<std::net::SocketAddr>().is_ok());
 }
 
+// ---------------------------------------------------------------- fleet.toml
+
+/// `outpost-fleet` from the shared target directory (`cargo test
+/// --workspace` builds it first).
+fn fleet_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().and_then(Path::parent).unwrap().join("outpost-fleet");
+    assert!(bin.is_file(), "{} is not built: cargo build -p outpost-fleet", bin.display());
+    bin
+}
+
+#[test]
+fn example_fleet_config_is_refused_as_shipped_and_checks_out_once_filled_in() {
+    let example = repo_root().join("images/fleet/fleet.toml");
+    let out = Command::new(fleet_bin()).arg("check-config").arg("--config").arg(&example).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the example's placeholders were accepted");
+    assert!(stderr.contains("api_token") && stderr.contains("placeholder"), "{stderr}");
+
+    // Filled in as the comments say: keys from keygen, a TLS pair, a token,
+    // the address devices dial.
+    let work = temp_dir("fleet-example");
+    let keys = work.join("keys");
+    let out = Command::new(fleet_bin()).arg("keygen").arg("--out").arg(&keys).output().unwrap();
+    assert!(out.status.success(), "keygen: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+        .args(["-subj", "/CN=fleet.test", "-keyout"])
+        .arg(work.join("broker.key"))
+        .arg("-out")
+        .arg(work.join("broker.crt"))
+        .output()
+        .expect("openssl (scripts/setup.sh installs it)");
+    assert!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
+    let w = work.to_str().unwrap();
+    let filled = fs::read_to_string(&example)
+        .unwrap()
+        .replace("<replace-with-openssl-rand-hex-24>", "0123456789abcdef0123456789abcdef")
+        .replace("/var/lib/outpost-fleet", &format!("{w}/data"))
+        .replace("/etc/outpost/keys", &format!("{w}/keys"))
+        .replace("/etc/outpost/broker", &format!("{w}/broker"))
+        .replace("<fleet.example.net>", "fleet.test");
+    let config = work.join("fleet.toml");
+    fs::write(&config, filled).unwrap();
+    let out = Command::new(fleet_bin()).arg("check-config").arg("--config").arg(&config).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("mqtts://fleet.test:8883"), "{stdout}");
+}
+
+#[test]
+fn fleet_unit_checks_its_config_before_serving() {
+    let text = fs::read_to_string(repo_root().join("images/fleet/outpost-fleet.service")).unwrap();
+    let unit = parse_unit(&text);
+    assert_eq!(
+        unit_value(&unit, "Service", "ExecStartPre"),
+        "/usr/local/bin/outpost-fleet check-config --config /etc/outpost/fleet.toml"
+    );
+    assert_eq!(unit_value(&unit, "Service", "ExecStart"), "/usr/local/bin/outpost-fleet serve --config /etc/outpost/fleet.toml");
+    assert_eq!(unit_value(&unit, "Service", "Restart"), "on-failure");
+}
+
 // ---------------------------------------------------------------- k8s
 
 fn k8s_documents() -> Vec<(String, Yaml)> {
