@@ -3,15 +3,16 @@
 #
 #   builds outpost-fleet and outpost-agent (debug),
 #   starts a fleet server (fresh keys, embedded MQTT broker, free ports),
-#   provisions two devices (tags pi4, pi5) and runs an agent for each, with
-#   its own state directory and predict port,
+#   provisions four devices (two tagged pi4, two pi5) and runs an agent for
+#   each, with its own state directory and predict port,
 #   publishes fixtures/bc_mlp.onnx as bc@1.0.0 through the publish gate,
-#   rolls it out in two canary stages (50 %, 100 %), printing each step as
-#   the fleet reports it, sends a prediction to each device, and prints a
-#   summary.
+#   rolls it out in two canary stages (50 %: one device per tag, then
+#   100 %), printing each step as the fleet reports it, sends a prediction
+#   to each device, and prints a summary.
 #
-# Exits 0 only if every claim held: the rollout completed, both devices
-# serve bc 1.0.0 (their own /v1/model says so) and answered the prediction.
+# Exits 0 only if every claim held: the rollout completed, its first stage
+# was smaller than the fleet, every device serves bc 1.0.0 (its own
+# /v1/model says so) and answered the prediction.
 # Everything it starts is stopped and its temporary directory removed,
 # whatever happens. KEEP=1 keeps the directory (logs, configs) for a look.
 set -euo pipefail
@@ -85,11 +86,14 @@ pids+=("$fleet_pid")
 wait_http "$OUTPOST_SERVER/ready" "outpost-fleet serve" "$fleet_pid"
 say "fleet server ready: API $OUTPOST_SERVER, embedded MQTT broker on 127.0.0.1:$broker_port"
 
-# ---- two devices
+# ---- four devices, two per hardware tag
+devices=(dev-a:pi4 dev-b:pi5 dev-c:pi4 dev-d:pi5)
+ids=()
 declare -A port
-for dev in dev-a:pi4 dev-b:pi5; do
+for dev in "${devices[@]}"; do
   id=${dev%%:*}
   tag=${dev##*:}
+  ids+=("$id")
   port[$id]=$(free_port)
   mkdir -p "$work/$id"
   "$fleet" provision "$id" --force --tag "$tag" --out "$work/$id/agent.toml" \
@@ -104,11 +108,11 @@ for dev in dev-a:pi4 dev-b:pi5; do
 done
 for _ in $(seq 1 100); do
   n=$("$fleet" devices --json | jq '[.devices[] | select(.status != null)] | length')
-  [ "$n" -ge 2 ] && break
+  [ "$n" -ge ${#ids[@]} ] && break
   sleep 0.2
 done
-[ "$n" -ge 2 ] || fail "the devices never reported to the fleet (log: $work)"
-say "both devices reported their signed state to the fleet"
+[ "$n" -ge ${#ids[@]} ] || fail "the devices never reported to the fleet (log: $work)"
+say "all ${#ids[@]} devices reported their signed state to the fleet"
 
 # ---- publish
 t=$(date +%s.%N)
@@ -163,7 +167,10 @@ say "rollout $id $state in $(since "$t_rollout" | tr -d " ")$(jq -r 'if .reason 
 declare -A answer version
 ok=1
 [ "$state" = completed ] || ok=0
-for id_ in dev-a dev-b; do
+# A real canary: the first stage is smaller than the fleet.
+first=$(jq '.stages[0].devices | length' <<<"$status")
+[ "$first" -lt ${#ids[@]} ] || ok=0
+for id_ in "${ids[@]}"; do
   answer[$id_]=$(curl -s -H 'content-type: application/json' -d "{\"features\":[$row]}" "http://127.0.0.1:${port[$id_]}/predict" || true)
   version[$id_]=$(curl -s "http://127.0.0.1:${port[$id_]}/v1/model" | jq -r '.version // .model.version // "-"' 2>/dev/null || echo -)
   say "POST $id_ /predict (first test row, label $label) → ${answer[$id_]}"
@@ -175,7 +182,7 @@ done
 devices=$("$fleet" devices --json)
 echo
 printf '%-8s %-5s %-10s %-10s %-10s %s\n' DEVICE TAG "MODEL" "FLEET SAYS" "COMMITTED" "PREDICTION (p)"
-for id_ in dev-a dev-b; do
+for id_ in "${ids[@]}"; do
   printf '%-8s %-5s %-10s %-10s %-10s %s\n' "$id_" \
     "$(jq -r --arg d "$id_" '.devices[] | select(.id == $d) | .tags | join(",")' <<<"$devices")" \
     "bc@${version[$id_]}" \
@@ -187,5 +194,5 @@ echo
 span() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1fs", b - a }'; }
 t_end=$(date +%s.%N)
 say "durations: build $(span "$t0" "$t_built"), fleet+devices+publish $(span "$t_built" "$t_rollout"), rollout+predictions $(span "$t_rollout" "$t_end"), total $(span "$t0" "$t_end")"
-[ "$ok" = 1 ] || fail "not every claim held: rollout $state, versions dev-a=${version[dev-a]} dev-b=${version[dev-b]} (logs: rerun with KEEP=1)"
-say "demo: ok — bc@1.0.0 rolled out in 2 stages, both devices serve it and answer"
+[ "$ok" = 1 ] || fail "not every claim held: rollout $state, first stage $first of ${#ids[@]} devices, versions $(for i in "${ids[@]}"; do printf '%s=%s ' "$i" "${version[$i]}"; done)(logs: rerun with KEEP=1)"
+say "demo: ok — bc@1.0.0 rolled out in 2 stages ($first canaries, then all ${#ids[@]}), every device serves it and answers"
