@@ -50,7 +50,7 @@ use outpost_runtime::protocol::{
     topics, verify_directive, ChunkReply, DeviceMessage, DeviceSigned, DeviceState, Directive, Limits, ModelRef,
     Status,
 };
-use outpost_runtime::server::{Deployed, ModelSlot, RunningServer, Server, ServerConfig};
+use outpost_runtime::server::{BuildInfo, Deployed, ModelSlot, RunningServer, Server, ServerConfig};
 use outpost_runtime::stream::StreamCore;
 
 use crate::activation::{load_slot, switch_traffic};
@@ -214,7 +214,10 @@ impl Agent {
             .iter()
             .map(|s| Box::new(s.stats().collector()) as Box<dyn prometheus_client::collector::Collector>)
             .collect();
-        let server = Server::start_with_metrics(server_config, model.clone(), extra_metrics)?;
+        // `outpost_build_info{component="agent"}` and the process metrics
+        // come with the server's /metrics.
+        let build = BuildInfo::new("agent", env!("CARGO_PKG_VERSION"));
+        let server = Server::start_as(build, server_config, model.clone(), extra_metrics)?;
         log::info!("predict API on http://{}", server.local_addr());
         let notifier = Notifier::from_env();
         if let Some(n) = &notifier {

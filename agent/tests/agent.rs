@@ -458,6 +458,9 @@ fn streaming_mode_predicts_on_the_agents_connection() {
     };
     assert!(count("outpost_stream_predictions_total").is_some_and(|n| n >= 2.0), "{metrics}");
     assert!(count("outpost_stream_input_errors_total").is_some_and(|n| n >= 1.0), "{metrics}");
+    // The agent names itself in build_info and gets the process metrics.
+    assert!(metrics.lines().any(|l| l.starts_with("outpost_build_info{") && l.contains("component=\"agent\"")), "{metrics}");
+    assert!(count("process_open_fds").is_some_and(|n| n >= 3.0), "{metrics}");
 }
 
 /// SIGTERM (systemd's stop): the agent exits 0 and says "offline" itself —

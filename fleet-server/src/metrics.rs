@@ -18,7 +18,11 @@
 //! | `outpost_fleet_rollout_stage` | gauge | `rollout`, `model`, `version` — the current stage (1-based) of each live rollout |
 //! | `outpost_fleet_rollout_devices` | gauge | `rollout`, `state` — devices of each live rollout by state (pending, sent, committed, failed, rolled_back) |
 //!
-//! The device gauge is recomputed from the registry at each scrape (one
+//! | `outpost_build_info` | gauge, always 1 | `version`, `component` = `fleet`, `target` |
+//! | `process_*` | | CPU, memory, fds, start time (Linux; see [`outpost_runtime::server::process_metrics`]) |
+//!
+//! Every value that only grows is a counter (`_total`); gauges go up and
+//! down. The device gauge is recomputed from the registry at each scrape (one
 //! `GROUP BY` query), so it is never stale and costs nothing between scrapes.
 
 use prometheus_client::encoding::prometheus_text::encode;
@@ -26,6 +30,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry as PromRegistry;
+
+use outpost_runtime::server::{BuildInfo, ProcessCollector};
 
 use crate::registry::Registry;
 
@@ -59,7 +65,12 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let mut prom = PromRegistry::with_prefix("outpost_fleet");
+        // Build and process metrics keep their standard names; the fleet's
+        // own go in a sub-registry under `outpost_fleet_`.
+        let mut root = PromRegistry::default();
+        root.register_collector(Box::new(BuildInfo::new("fleet", env!("CARGO_PKG_VERSION"))));
+        root.register_collector(Box::new(ProcessCollector));
+        let prom = root.sub_registry_with_prefix("outpost_fleet");
         let devices = Family::<Labels, Gauge>::default();
         let publishes = Family::<Labels, Counter>::default();
         let mqtt_messages = Family::<Labels, Counter>::default();
@@ -91,7 +102,7 @@ impl Metrics {
         prom.register("rollout_stage", "Current stage (1-based) of each live rollout", rollout_stage.clone());
         prom.register("rollout_devices", "Devices of each live rollout by state", rollout_devices.clone());
         Metrics {
-            prom,
+            prom: root,
             devices,
             publishes,
             mqtt_messages,

@@ -402,7 +402,7 @@ fn drift_report_and_gauges_come_from_the_models_monitor() {
     assert!(v["features"][0]["drift"].is_boolean(), "{v}");
     assert_eq!(v["window"]["open_window_samples"].as_u64(), Some(2 * rows.len() as u64), "{}", v["window"]);
     let m = c.get("/metrics").text();
-    assert_eq!(metric(&m, "outpost_drift_lifetime_samples", &[]), 2.0 * rows.len() as f64);
+    assert_eq!(metric(&m, "outpost_drift_lifetime_samples_total", &[]), 2.0 * rows.len() as f64);
     assert!(m.contains("outpost_drift_column_flag{column=\"f0\",role=\"feature\"}"), "drift gauges are exported");
     if let Some((ok, out)) = promtool_check(&m) {
         assert!(ok, "promtool: {out}");

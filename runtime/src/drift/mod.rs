@@ -119,7 +119,7 @@ pub mod sequential;
 pub mod sketch;
 pub mod stats;
 
-pub use monitor::{DriftMonitor, GaugeValue, MonitorConfig, MonitorError};
+pub use monitor::{DriftMonitor, GaugeValue, MetricKind, MonitorConfig, MonitorError};
 pub use reference::{
     Bins, ColumnKind, ColumnReference, OutputValues, ReferenceError, ReferenceOptions, ReferenceOutput, ReferenceSketch,
     ReferenceStats, DEFAULT_BINS,

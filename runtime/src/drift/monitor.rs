@@ -121,13 +121,24 @@ pub enum MonitorError {
 }
 
 /// One value for the Prometheus exposition; the HTTP layer maps these into
-/// gauges (same `name` = one metric family, `labels` distinguish series).
+/// metric families (same `name` = one family, `labels` distinguish series)
+/// of type `kind`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GaugeValue {
     pub name: &'static str,
     pub help: &'static str,
     pub labels: Vec<(&'static str, String)>,
     pub value: f64,
+    pub kind: MetricKind,
+}
+
+/// How a [`GaugeValue`] is exposed. A value that only grows while the
+/// monitor lives is a counter (the exposition names it `…_total`), so
+/// `rate()` and `increase()` work on it and a restart reads as a reset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricKind {
+    Gauge,
+    Counter,
 }
 
 /// Block width of `count_blocked`: 8 f32, one AVX or two SSE/NEON registers
@@ -1121,11 +1132,12 @@ impl DriftMonitor {
         self.catch_up(&mut st);
     }
 
-    /// Gauge values for `/metrics`, from [`report`](Self::report).
+    /// Values for `/metrics`, from [`report`](Self::report).
     ///
-    /// Families: `outpost_drift_detected` (0/1), `outpost_drift_score`,
-    /// `outpost_drift_window_samples`, `outpost_drift_windows_closed`,
-    /// `outpost_drift_lifetime_samples`, and per column (labels `column`,
+    /// Counters (exposed as `…_total`): `outpost_drift_windows_closed`,
+    /// `outpost_drift_lifetime_samples`. Gauges: `outpost_drift_detected`
+    /// (0/1), `outpost_drift_score`, `outpost_drift_window_samples`, and
+    /// per column (labels `column`,
     /// `role` = feature|output): `outpost_drift_column_flag`,
     /// `outpost_drift_column_psi`, `outpost_drift_column_js_distance`,
     /// `outpost_drift_column_statistic_lower`, `…_statistic_upper`,
@@ -1134,13 +1146,14 @@ impl DriftMonitor {
     pub fn gauges(&self) -> Vec<GaugeValue> {
         let report = self.report();
         let closed = report.window.index.map(|i| i + u64::from(report.window.complete)).unwrap_or(0);
-        let g = |name, help, value: f64| GaugeValue { name, help, labels: Vec::new(), value };
+        let g = |name, help, value: f64| GaugeValue { name, help, labels: Vec::new(), value, kind: MetricKind::Gauge };
+        let c = |name, help, value: f64| GaugeValue { name, help, labels: Vec::new(), value, kind: MetricKind::Counter };
         let mut out = vec![
             g("outpost_drift_detected", "1 if any feature or output drifted in the reported window", f64::from(u8::from(report.drift))),
             g("outpost_drift_score", "Largest per-column drift score (>= 1 means drift)", report.score),
             g("outpost_drift_window_samples", "Samples in the reported drift window", report.window.samples as f64),
-            g("outpost_drift_windows_closed", "Drift windows closed since start", closed as f64),
-            g(
+            c("outpost_drift_windows_closed", "Drift windows closed since start", closed as f64),
+            c(
                 "outpost_drift_lifetime_samples",
                 "Samples counted into drift sketches since start",
                 report.window.lifetime_samples.unwrap_or(0) as f64,
@@ -1151,7 +1164,7 @@ impl DriftMonitor {
             let labels = || vec![("column", c.name.clone()), ("role", role.to_string())];
             let mut push = |name, help, value: Option<f64>| {
                 if let Some(value) = value {
-                    out.push(GaugeValue { name, help, labels: labels(), value });
+                    out.push(GaugeValue { name, help, labels: labels(), value, kind: MetricKind::Gauge });
                 }
             };
             push("outpost_drift_column_flag", "1 if this column drifted", Some(f64::from(u8::from(c.drift))));

@@ -18,8 +18,9 @@
 //! | `outpost_model_info` | gauge, always 1 | `name`, `version`, `sha256`, `format`, `signer` |
 //! | `outpost_model_ready` | gauge | (1 when a model is loaded) |
 //! | `outpost_model_swaps_total` | counter | |
-//! | `process_resident_memory_bytes` | gauge | (Linux) |
-//! | `outpost_drift_*` | gauges | per column, when the model has a drift monitor (see [`crate::drift::DriftMonitor::gauges`]) |
+//! | `outpost_drift_windows_closed_total`, `outpost_drift_lifetime_samples_total` | counter | when the model has a drift monitor |
+//! | `outpost_drift_*` (the rest) | gauges | per column, when the model has a drift monitor (see [`crate::drift::DriftMonitor::gauges`]) |
+//! | `outpost_build_info`, `process_*` | | see [`super::process_metrics`] |
 //!
 //! Model info is read from the [`ModelSlot`] at scrape time, so a swap shows
 //! on the next scrape without the swapper knowing about metrics.
@@ -36,8 +37,9 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
+use super::process_metrics::{BuildInfo, ProcessCollector};
 use super::slot::ModelSlot;
-use crate::drift::GaugeValue;
+use crate::drift::{GaugeValue, MetricKind};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -124,37 +126,38 @@ impl Collector for StateCollector {
             None,
             depth.metric_type(),
         )?)?;
-        if let Some(rss) = resident_memory_bytes() {
-            let g = ConstGauge::new(rss as i64);
-            g.encode(encoder.encode_descriptor(
-                "process_resident_memory_bytes",
-                "Resident memory size in bytes",
-                None,
-                g.metric_type(),
-            )?)?;
-        }
         Ok(())
     }
 }
 
-/// The drift monitor's gauges, one family per name. They come ordered by
+/// The drift monitor's values, one family per name, typed as the monitor
+/// says (its counters get `_total` from the encoder). They come ordered by
 /// column, and the text format wants each family's samples together.
 fn encode_drift_gauges(encoder: &mut DescriptorEncoder, gauges: &[GaugeValue]) -> Result<(), std::fmt::Error> {
-    let mut families: Vec<(&'static str, &'static str, Vec<&GaugeValue>)> = Vec::new();
+    let mut families: Vec<(&'static str, &'static str, MetricKind, Vec<&GaugeValue>)> = Vec::new();
     for g in gauges {
-        match families.iter_mut().find(|(name, _, _)| *name == g.name) {
-            Some((_, _, members)) => members.push(g),
-            None => families.push((g.name, g.help, vec![g])),
+        match families.iter_mut().find(|(name, _, _, _)| *name == g.name) {
+            Some((_, _, _, members)) => members.push(g),
+            None => families.push((g.name, g.help, g.kind, vec![g])),
         }
     }
-    for (name, help, members) in families {
-        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (name, help, kind, members) in families {
+        let metric_type = match kind {
+            MetricKind::Gauge => MetricType::Gauge,
+            MetricKind::Counter => MetricType::Counter,
+        };
+        let mut family = encoder.encode_descriptor(name, help, None, metric_type)?;
         for g in members {
-            let value = ConstGauge::new(g.value);
-            if g.labels.is_empty() {
-                value.encode(family.encode_family(&NoLabels)?)?;
+            let encoder = if g.labels.is_empty() {
+                family.encode_family(&NoLabels)?
             } else {
-                value.encode(family.encode_family(&g.labels)?)?;
+                family.encode_family(&g.labels)?
+            };
+            match kind {
+                MetricKind::Gauge => ConstGauge::new(g.value).encode(encoder)?,
+                // The monitor's counters are counts of samples and windows
+                // (whole, never negative): shown as integers.
+                MetricKind::Counter => ConstCounter::new(g.value.max(0.0) as u64).encode(encoder)?,
             }
         }
     }
@@ -170,18 +173,12 @@ impl EncodeLabelSet for NoLabels {
     }
 }
 
-/// VmRSS from /proc/self/status (Linux only; `None` elsewhere).
-fn resident_memory_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
 impl Metrics {
+    /// `build` names the program in `outpost_build_info`.
     pub fn new(
         slot: Arc<ModelSlot>,
         queue_depth: Box<dyn Fn() -> usize + Send + Sync>,
+        build: BuildInfo,
         extra: Vec<Box<dyn Collector>>,
     ) -> Metrics {
         let mut registry = Registry::default();
@@ -218,6 +215,8 @@ impl Metrics {
             batch_requests.clone(),
         );
         registry.register_collector(Box::new(StateCollector { slot, queue_depth }));
+        registry.register_collector(Box::new(build));
+        registry.register_collector(Box::new(ProcessCollector));
         for collector in extra {
             registry.register_collector(collector);
         }

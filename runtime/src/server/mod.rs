@@ -45,6 +45,7 @@ pub mod error;
 pub mod handler;
 pub mod memory;
 pub mod metrics;
+pub mod process_metrics;
 mod queue;
 pub mod request;
 pub mod response;
@@ -60,6 +61,7 @@ use std::time::Duration;
 
 pub use config::ServerConfig;
 pub use error::{ApiError, ServerError};
+pub use process_metrics::{BuildInfo, ProcessCollector};
 pub use slot::{sha256_hex, DeployError, Deployed, ModelInfo, ModelSlot, ServingStats, StatsSnapshot};
 
 use handler::Shared;
@@ -84,6 +86,18 @@ impl Server {
         slot: Arc<ModelSlot>,
         extra_metrics: Vec<Box<dyn prometheus_client::collector::Collector>>,
     ) -> Result<RunningServer, ServerError> {
+        Server::start_as(BuildInfo::runtime(), config, slot, extra_metrics)
+    }
+
+    /// [`start_with_metrics`](Self::start_with_metrics) for a program that
+    /// embeds the server (the agent): `build` names it in
+    /// `outpost_build_info` on `/metrics`, beside the process metrics.
+    pub fn start_as(
+        build: BuildInfo,
+        config: ServerConfig,
+        slot: Arc<ModelSlot>,
+        extra_metrics: Vec<Box<dyn prometheus_client::collector::Collector>>,
+    ) -> Result<RunningServer, ServerError> {
         config.validate().map_err(ServerError::Config)?;
         let addr = resolve(&config.listen)?;
         let listener = bind_listener(addr, &config)?;
@@ -96,7 +110,7 @@ impl Server {
         let batching = config.batching_enabled();
         let work = Arc::new(BoundedQueue::new(config.queue_capacity));
         let depth_of = work.clone();
-        let metrics = metrics::Metrics::new(slot.clone(), Box::new(move || depth_of.len()), extra_metrics);
+        let metrics = metrics::Metrics::new(slot.clone(), Box::new(move || depth_of.len()), build, extra_metrics);
         let shared = Arc::new(Shared {
             jobs: BoundedQueue::new(config.queue_capacity),
             draining: Arc::new(AtomicUsize::new(0)),
