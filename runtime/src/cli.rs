@@ -41,6 +41,17 @@ pub struct ServeArgs {
     /// CPU after the last one (0 = off, for battery devices).
     #[arg(long, default_value_t = 200)]
     pub idle_spin_us: u64,
+    /// Replace input NAME by a constant before the model is optimized, so
+    /// control flow on it folds (repeatable). VALUE: a number, a boolean, or
+    /// a JSON array matching the input's shape. The input leaves the served
+    /// signature.
+    #[arg(long = "fix", value_name = "NAME=VALUE")]
+    pub fix: Vec<String>,
+    /// Give input NAME these dimensions instead of the model's own, e.g. a
+    /// detector exported with free height and width: images=1,3,320,320
+    /// (repeatable).
+    #[arg(long = "shape", value_name = "NAME=D0,D1,...")]
+    pub shape: Vec<String>,
     /// Streaming over MQTT beside HTTP (`--mqtt URL --mqtt-in FILTER`).
     #[cfg(feature = "mqtt")]
     #[command(flatten)]
@@ -118,6 +129,24 @@ fn redact_url(url: &str) -> String {
     }
 }
 
+/// The library's load options from `--fix` and `--shape`. Parsed here rather
+/// than by clap so that a malformed value is a one-line error like any other.
+fn load_options(args: &ServeArgs) -> anyhow::Result<outpost_runtime::model::LoadOptions> {
+    use outpost_runtime::model::{FixedInput, InputShape, LoadOptions};
+
+    let fixed_inputs = args
+        .fix
+        .iter()
+        .map(|text| text.parse::<FixedInput>().with_context(|| format!("--fix {text}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let input_shapes = args
+        .shape
+        .iter()
+        .map(|text| text.parse::<InputShape>().with_context(|| format!("--shape {text}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(LoadOptions { fixed_inputs, input_shapes, ..LoadOptions::default() })
+}
+
 /// Loads the model to serve: a plain model file as it is, a signed bundle
 /// only after verifying it (signature, certificate, expiry, digest, the
 /// model's signature against the manifest, the self-test). The standalone
@@ -135,7 +164,13 @@ fn load_for_serving(args: &ServeArgs) -> anyhow::Result<outpost_runtime::server:
         if args.trust.is_some() {
             anyhow::bail!("--trust verifies signed .outpost bundles; {} is a plain model file", path.display());
         }
-        return Deployed::load_file(path, &Default::default()).with_context(|| format!("loading {}", path.display()));
+        let options = load_options(args)?;
+        return Deployed::load_file(path, &options).with_context(|| format!("loading {}", path.display()));
+    }
+    // A signed bundle is loaded as it was tested before signing: fixed
+    // inputs and shapes belong in its manifest, not on a command line.
+    if !args.fix.is_empty() || !args.shape.is_empty() {
+        anyhow::bail!("--fix and --shape apply to plain model files; {} is a signed bundle, loaded as it was signed", path.display());
     }
     let Some(trust) = &args.trust else {
         anyhow::bail!("{} is a signed bundle: pass --trust ROOT.pub to verify it", path.display());

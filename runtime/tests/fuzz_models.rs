@@ -56,7 +56,7 @@ fn fixture(name: &str) -> Vec<u8> {
 /// Fast options (no optimizer, no batch plans) but with the warm-up run, so
 /// a model that loads is also run once.
 fn fast() -> LoadOptions {
-    LoadOptions { optimize: false, warm_up: true, batch_plans: 0 }
+    LoadOptions { optimize: false, warm_up: true, batch_plans: 0, ..LoadOptions::default() }
 }
 
 /// Models that loaded (the rest were refused), for the summary line.

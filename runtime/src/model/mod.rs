@@ -17,6 +17,7 @@
 //! a larger batch, so callers never need to know the difference.
 
 mod convert;
+pub mod fixed;
 pub mod onnx;
 pub mod onnx_ml;
 mod plans;
@@ -35,6 +36,7 @@ use tract_onnx::prelude::*;
 use crate::tensor::{ElementType, ModelSignature, TensorData, TensorSpec, TensorValues};
 
 pub use convert::{EdgeQuantization, InputAdapter, OutputAdapter};
+pub use fixed::{FixedInput, FixedValues, InputShape};
 pub use profile::{NodeTime, Profile};
 
 /// Largest model file accepted, in bytes, whatever the format. Outpost
@@ -93,11 +95,18 @@ pub struct LoadOptions {
     /// the symbolic plan only. Ignored when `optimize` is off or the model
     /// has no free batch dimension.
     pub batch_plans: usize,
+    /// Inputs replaced by constants before the graph is typed and optimized
+    /// (so control flow on them folds); they leave the model's signature.
+    /// See [`fixed`].
+    pub fixed_inputs: Vec<FixedInput>,
+    /// Inputs whose dimensions are given instead of the model's own (a
+    /// detector exported with free height and width, run at 320×320).
+    pub input_shapes: Vec<InputShape>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { optimize: true, warm_up: true, batch_plans: 8 }
+        LoadOptions { optimize: true, warm_up: true, batch_plans: 8, fixed_inputs: vec![], input_shapes: vec![] }
     }
 }
 
@@ -120,6 +129,14 @@ pub enum LoadError {
     WarmUp(String),
     #[error("the model is {size} bytes, above the {limit} bytes Outpost accepts")]
     TooLarge { size: u64, limit: u64 },
+    #[error("the model has no input named {name:?}; its inputs are {known}")]
+    UnknownInput { name: String, known: String },
+    #[error("cannot fix input {name:?}: {reason}")]
+    FixedInput { name: String, reason: String },
+    #[error("cannot give input {name:?} that shape: {reason}")]
+    InputShape { name: String, reason: String },
+    #[error("fixed inputs and shapes are not supported for {format} models yet")]
+    FixingUnsupported { format: &'static str },
 }
 
 /// Why one inference call failed. Every variant is the caller's input
@@ -213,8 +230,15 @@ impl Model {
         options: &LoadOptions,
     ) -> Result<Model, LoadError> {
         let prepared = match format {
-            ModelFormat::Onnx => onnx::load(bytes)?,
-            ModelFormat::Tflite => tflite::load(bytes)?,
+            ModelFormat::Onnx => onnx::load(bytes, &options.fixed_inputs, &options.input_shapes)?,
+            ModelFormat::Tflite => {
+                // tract-tflite hands over an already typed graph: there is
+                // no untyped stage to fix inputs in (see `fixed`).
+                if !options.fixed_inputs.is_empty() || !options.input_shapes.is_empty() {
+                    return Err(LoadError::FixingUnsupported { format: "TFLite" });
+                }
+                tflite::load(bytes)?
+            }
         };
         let decluttered = prepared.model.into_decluttered().map_err(prepare_err)?;
         let (typed, specializable) = if options.optimize && options.batch_plans > 0 {

@@ -23,7 +23,11 @@ pub fn framework() -> tract_onnx::Onnx {
     onnx
 }
 
-pub(crate) fn load(bytes: &[u8]) -> Result<PreparedModel, LoadError> {
+pub(crate) fn load(
+    bytes: &[u8],
+    fixed: &[super::FixedInput],
+    shapes: &[super::InputShape],
+) -> Result<PreparedModel, LoadError> {
     let parse_err = |e: TractError| LoadError::Parse { format: "ONNX", reason: format!("{e:#}") };
     let framework = framework();
     let mut reader = bytes;
@@ -32,6 +36,8 @@ pub(crate) fn load(bytes: &[u8]) -> Result<PreparedModel, LoadError> {
     integer_matmuls_as_float(&mut proto);
     let mut model = framework.model_for_proto_model(&proto).map_err(parse_err)?;
     refuse_unimplemented(&model)?;
+    // Before symbols: a given dimension must not first become one.
+    super::fixed::apply_to_onnx(&mut model, fixed, shapes)?;
     symbolize_free_dims(&mut model)
         .map_err(|e| LoadError::Prepare { reason: format!("{e:#}") })?;
     let typed = model.into_typed().map_err(|e| LoadError::Prepare { reason: format!("{e:#}") })?;
