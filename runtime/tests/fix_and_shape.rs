@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use outpost_runtime::model::{FixedInput, InputShape, LoadError, LoadOptions, Model, ModelFormat};
+use outpost_runtime::model::{BatchMode, FixedInput, InputShape, LoadError, LoadOptions, Model, ModelFormat};
 use outpost_runtime::tensor::{TensorData, TensorValues};
 use prost::Message;
 use serde_json::{json, Value};
@@ -177,6 +177,31 @@ fn free_height_width_model() -> Vec<u8> {
     })
 }
 
+/// The jax2tf classifier's pattern, reduced: `x` FP32 `[N, 4]` broadcast to
+/// its own shape, read through `Shape` and a float round trip. With `N` a
+/// symbol the shape's values are unknown and tract refuses the `Expand`;
+/// with `N = 1` the shape folds to a constant.
+fn shape_round_trip_model() -> Vec<u8> {
+    let cast = |to: DataType| AttributeProto {
+        name: "to".into(),
+        r#type: AttributeType::Int as i32,
+        i: to as i64,
+        ..Default::default()
+    };
+    model_bytes(GraphProto {
+        name: "shape_round_trip".into(),
+        node: vec![
+            node("Shape", &["x"], "shape", vec![]),
+            node("Cast", &["shape"], "shape_f", vec![cast(DataType::Float)]),
+            node("Cast", &["shape_f"], "shape_i", vec![cast(DataType::Int64)]),
+            node("Expand", &["x", "shape_i"], "y", vec![]),
+        ],
+        input: vec![value_info("x", DataType::Float, &[Dim::Named("N"), Dim::Fixed(4)])],
+        output: vec![value_info("y", DataType::Float, &[Dim::Named("N"), Dim::Fixed(4)])],
+        ..Default::default()
+    })
+}
+
 fn options(fix: &[&str], shape: &[&str]) -> LoadOptions {
     LoadOptions {
         fixed_inputs: fix.iter().map(|t| t.parse::<FixedInput>().expect("fix parses")).collect(),
@@ -268,6 +293,24 @@ fn every_misfit_is_refused_with_its_own_error() {
     let tflite = std::fs::read(server_support::fixture("digits_cnn.tflite")).expect("fixture");
     let err = Model::from_bytes(&tflite, ModelFormat::Tflite, &options(&[], &["x=1,8,8,1"])).expect_err("refused");
     assert!(matches!(err, LoadError::FixingUnsupported { format: "TFLite" }), "{err}");
+}
+
+#[test]
+fn a_model_that_fails_with_a_symbolic_batch_loads_with_it_fixed() {
+    let model = load(&shape_round_trip_model(), &[], &[]).expect("loads through the fixed-batch fallback");
+    assert_eq!(model.batch_mode(), BatchMode::FixedFallback);
+    assert_eq!(model.signature().inputs[0].shape, vec![Some(1), Some(4)]);
+    // Three rows still answer, run one by one.
+    let x: Vec<f32> = (0..12).map(|v| v as f32).collect();
+    let out = model.run(vec![TensorData { shape: vec![3, 4], values: TensorValues::F32(x.clone()) }]).expect("runs");
+    assert_eq!(out[0].shape, vec![3, 4]);
+    assert_eq!(f32s(&out[0]), x);
+    // A model that loads with its symbolic batch keeps it; one that fixes
+    // its own dimensions says so.
+    let bc = Model::load(server_support::fixture("bc_mlp.onnx"), &LoadOptions::default()).expect("fixture");
+    assert_eq!(bc.batch_mode(), BatchMode::Symbolic);
+    let hw = load(&free_height_width_model(), &[], &["x=1,1,4,4"]).expect("loads");
+    assert_eq!(hw.batch_mode(), BatchMode::Fixed);
 }
 
 // ------------------------------------------------------------ the binary
@@ -376,6 +419,7 @@ fn serve_fixes_an_input_and_shapes_another_and_refuses_misfits() {
     let info: Value = server_support::get(running.addr, "/v1/model").json();
     let names: Vec<&str> = info["inputs"].as_array().expect("inputs").iter().filter_map(|i| i["name"].as_str()).collect();
     assert_eq!(names, ["x"], "{info}");
+    assert_eq!(info["batch"], "fixed", "{info}");
     let answer = server_support::post_json(running.addr, "/predict", &json!({"inputs": {"x": [[1.0, 2.0, 3.0, 4.0]]}}));
     assert_eq!(answer.status, 200, "{}", answer.text());
     let body = answer.json();
@@ -390,6 +434,12 @@ fn serve_fixes_an_input_and_shapes_another_and_refuses_misfits() {
     let running = serve(&hw_model, &["--shape", "x=1,1,4,4"]);
     let info: Value = server_support::get(running.addr, "/v1/model").json();
     assert_eq!(info["inputs"][0]["shape"], json!([1, 1, 4, 4]), "{info}");
+    drop(running);
+
+    let fallback = scratch.write("classifier.onnx", &shape_round_trip_model());
+    let running = serve(&fallback, &[]);
+    let info: Value = server_support::get(running.addr, "/v1/model").json();
+    assert_eq!(info["batch"], "fixed_fallback", "{info}");
     drop(running);
 
     let m = if_model.to_str().expect("utf-8");

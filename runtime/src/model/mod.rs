@@ -139,6 +139,14 @@ pub enum LoadError {
     FixingUnsupported { format: &'static str },
 }
 
+impl LoadError {
+    /// Whether the model parsed but tract could not type, optimize or run
+    /// it: what loading it differently may cure.
+    fn is_preparation(&self) -> bool {
+        matches!(self, LoadError::Prepare { .. } | LoadError::WarmUp(_))
+    }
+}
+
 /// Why one inference call failed. Every variant is the caller's input
 /// except [`RunError::Inference`].
 #[derive(Debug, thiserror::Error)]
@@ -178,6 +186,30 @@ pub struct Model {
     /// Whether the model's graph takes a free batch dimension on every input.
     /// If not, batches are run row by row.
     native_batch: bool,
+    batch_mode: BatchMode,
+}
+
+/// How the model takes a batch: reported in the log and on `/v1/model`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchMode {
+    /// Every input's first dimension is a symbol: one run takes N rows.
+    Symbolic,
+    /// The model fixes its inputs' dimensions (or has no common batch):
+    /// N rows run row by row.
+    Fixed,
+    /// The model leaves its batch free, but failed to load with it as a
+    /// symbol; it was loaded with the batch fixed at 1 instead.
+    FixedFallback,
+}
+
+impl BatchMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BatchMode::Symbolic => "symbolic",
+            BatchMode::Fixed => "fixed",
+            BatchMode::FixedFallback => "fixed_fallback",
+        }
+    }
 }
 
 impl std::fmt::Debug for Model {
@@ -220,17 +252,40 @@ impl Model {
         // tract checks most of what a malformed model can hold, but not all
         // of it: an assertion or an arithmetic overflow deep in an operator
         // must refuse the model, not take the process down.
-        catch_unwind(AssertUnwindSafe(|| Model::from_bytes_unguarded(bytes, format, options)))
-            .unwrap_or_else(|panic| Err(LoadError::Prepare { reason: panic_reason(panic) }))
+        let attempt = |batch: BatchMode| {
+            catch_unwind(AssertUnwindSafe(|| Model::from_bytes_unguarded(bytes, format, options, batch)))
+                .unwrap_or_else(|panic| Err(LoadError::Prepare { reason: panic_reason(panic) }))
+        };
+        // Never lose to tract alone: a free batch made a symbol can break
+        // shape computations tract folds when every dimension is known (a
+        // jax2tf export broadcasting to a computed shape). Then the model is
+        // loaded again with its batch fixed at 1, and runs batches row by
+        // row. What the model's own graph refuses is refused either way.
+        match attempt(BatchMode::Symbolic) {
+            Err(symbolic) if format == ModelFormat::Onnx && symbolic.is_preparation() => {
+                match attempt(BatchMode::FixedFallback) {
+                    Ok(model) => {
+                        log::warn!(
+                            "the model does not load with a symbolic batch ({symbolic}); loaded with its batch fixed at 1, batches run row by row"
+                        );
+                        Ok(model)
+                    }
+                    Err(_) => Err(symbolic),
+                }
+            }
+            result => result,
+        }
     }
 
     fn from_bytes_unguarded(
         bytes: &[u8],
         format: ModelFormat,
         options: &LoadOptions,
+        batch: BatchMode,
     ) -> Result<Model, LoadError> {
+        let fixed_batch = batch == BatchMode::FixedFallback;
         let prepared = match format {
-            ModelFormat::Onnx => onnx::load(bytes, &options.fixed_inputs, &options.input_shapes)?,
+            ModelFormat::Onnx => onnx::load(bytes, &options.fixed_inputs, &options.input_shapes, fixed_batch)?,
             ModelFormat::Tflite => {
                 // tract-tflite hands over an already typed graph: there is
                 // no untyped stage to fix inputs in (see `fixed`).
@@ -248,7 +303,11 @@ impl Model {
         } else {
             (decluttered, None)
         };
-        Model::from_typed(typed, specializable, format, prepared.inputs, prepared.outputs, options)
+        let mut model = Model::from_typed(typed, specializable, format, prepared.inputs, prepared.outputs, options)?;
+        if fixed_batch {
+            model.batch_mode = BatchMode::FixedFallback;
+        }
+        Ok(model)
     }
 
     fn from_typed(
@@ -303,6 +362,7 @@ impl Model {
             outputs,
             format,
             native_batch,
+            batch_mode: if native_batch { BatchMode::Symbolic } else { BatchMode::Fixed },
         };
         if options.warm_up {
             let zeros = model.zero_inputs(1);
@@ -323,6 +383,11 @@ impl Model {
     /// rather than N calls.
     pub fn runs_batches_natively(&self) -> bool {
         self.native_batch
+    }
+
+    /// How the model takes a batch (see [`BatchMode`]).
+    pub fn batch_mode(&self) -> BatchMode {
+        self.batch_mode
     }
 
     /// Batch sizes that run a plan optimized for that exact size (see

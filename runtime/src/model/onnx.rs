@@ -27,6 +27,7 @@ pub(crate) fn load(
     bytes: &[u8],
     fixed: &[super::FixedInput],
     shapes: &[super::InputShape],
+    fixed_batch: bool,
 ) -> Result<PreparedModel, LoadError> {
     let parse_err = |e: TractError| LoadError::Parse { format: "ONNX", reason: format!("{e:#}") };
     let framework = framework();
@@ -38,8 +39,12 @@ pub(crate) fn load(
     refuse_unimplemented(&model)?;
     // Before symbols: a given dimension must not first become one.
     super::fixed::apply_to_onnx(&mut model, fixed, shapes)?;
-    symbolize_free_dims(&mut model)
+    let batch_fixed = symbolize_free_dims(&mut model, fixed_batch)
         .map_err(|e| LoadError::Prepare { reason: format!("{e:#}") })?;
+    if fixed_batch && !batch_fixed {
+        // Nothing to fix: the fallback would fail as the first load did.
+        return Err(LoadError::Prepare { reason: "no free batch dimension to fix".into() });
+    }
     let typed = model.into_typed().map_err(|e| LoadError::Prepare { reason: format!("{e:#}") })?;
     Ok(PreparedModel { model: typed, inputs: vec![], outputs: vec![] })
 }
@@ -231,15 +236,24 @@ fn refuse_unimplemented(model: &InferenceModel) -> Result<(), LoadError> {
 
 /// Gives every input dimension the model leaves open a symbol: the first one
 /// is the batch (`N`), others get fresh names. Dimensions the model names
-/// (`dim_param`) already are symbols.
-fn symbolize_free_dims(model: &mut InferenceModel) -> TractResult<()> {
+/// (`dim_param`) already are symbols. With `fixed_batch` (the fallback when
+/// the symbolic batch does not load), every input's first dimension that
+/// is not a number, open or named, becomes 1 instead. Returns whether a
+/// first dimension was so fixed.
+fn symbolize_free_dims(model: &mut InferenceModel, fixed_batch: bool) -> TractResult<bool> {
     let batch = model.symbols.sym("N");
+    let mut batch_fixed = false;
     for ix in 0..model.inputs.len() {
         let mut fact = model.input_fact(ix)?.clone();
         let dims: Vec<_> = fact.shape.dims().cloned().collect();
         let mut changed = false;
         for (axis, dim) in dims.iter().enumerate() {
-            if let GenericFactoid::Any = dim {
+            let free = !matches!(dim, GenericFactoid::Only(TDim::Val(_)));
+            if fixed_batch && axis == 0 && free {
+                fact.shape.set_dim(axis, 1.into());
+                changed = true;
+                batch_fixed = true;
+            } else if let GenericFactoid::Any = dim {
                 let sym = if axis == 0 { batch.clone() } else { model.symbols.new_with_prefix("d") };
                 fact.shape.set_dim(axis, sym.into());
                 changed = true;
@@ -249,7 +263,7 @@ fn symbolize_free_dims(model: &mut InferenceModel) -> TractResult<()> {
             model.set_input_fact(ix, fact)?;
         }
     }
-    Ok(())
+    Ok(batch_fixed)
 }
 
 #[cfg(test)]

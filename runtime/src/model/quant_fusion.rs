@@ -354,7 +354,7 @@ mod tests {
     /// An ONNX fixture's graph as the loader hands it to the optimizer.
     fn decluttered(name: &str) -> TypedModel {
         let bytes = std::fs::read(crate::model::fixture_path(name)).expect("fixture");
-        let prepared = crate::model::onnx::load(&bytes, &[], &[]).expect("loads");
+        let prepared = crate::model::onnx::load(&bytes, &[], &[], false).expect("loads");
         prepared.model.into_decluttered().expect("declutters")
     }
 

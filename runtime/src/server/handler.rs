@@ -882,6 +882,10 @@ fn model_info_json(d: &Deployed, shared: &Shared) -> Vec<u8> {
         Some(s) => push_json_str(&mut out, s),
         None => out.push_str("null"),
     }
+    // How the model takes a batch: "symbolic", "fixed", or "fixed_fallback"
+    // when a free batch only loaded fixed at 1 (see model::BatchMode).
+    out.push_str(",\"batch\":");
+    push_json_str(&mut out, d.model().batch_mode().as_str());
     out.push_str(",\"inputs\":[");
     for (i, s) in sig.inputs.iter().enumerate() {
         if i > 0 {
