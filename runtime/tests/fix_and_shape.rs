@@ -289,10 +289,48 @@ fn every_misfit_is_refused_with_its_own_error() {
     for bad in ["sample_rate", "sample_rate=", "sample_rate=16k", "x=[[1,2],[3]]"] {
         assert!(bad.parse::<FixedInput>().is_err(), "{bad}");
     }
-    // TFLite has no untyped stage to fix an input in: refused by name.
-    let tflite = std::fs::read(server_support::fixture("digits_cnn.tflite")).expect("fixture");
-    let err = Model::from_bytes(&tflite, ModelFormat::Tflite, &options(&[], &["x=1,8,8,1"])).expect_err("refused");
-    assert!(matches!(err, LoadError::FixingUnsupported { format: "TFLite" }), "{err}");
+}
+
+/// `[[0, 0, …], …]` of the given shape, as `--fix` text.
+fn zeros_json(shape: &[usize]) -> String {
+    match shape.split_first() {
+        None => "0".into(),
+        Some((n, rest)) => format!("[{}]", vec![zeros_json(rest); *n].join(",")),
+    }
+}
+
+#[test]
+fn tflite_inputs_are_fixed_and_shaped_on_the_typed_graph() {
+    let tflite = |name: &str| std::fs::read(server_support::fixture(name)).expect("fixture");
+    let load = |bytes: &[u8], fix: &[&str], shape: &[&str]| Model::from_bytes(bytes, ModelFormat::Tflite, &options(fix, shape));
+    let digits = tflite("digits_cnn.tflite");
+    let plain = load(&digits, &[], &[]).expect("loads");
+    let spec = plain.signature().inputs[0].clone();
+    let dims: Vec<usize> = spec.shape.iter().map(|d| d.expect("TFLite declares every dimension") as usize).collect();
+    let text = |dims: &[usize]| dims.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
+
+    // Its own shape: loads the same.
+    let shaped = load(&digits, &[], &[&format!("{}={}", spec.name, text(&dims))]).expect("own shape loads");
+    assert_eq!(shaped.signature(), plain.signature());
+    // Another one is refused: TFLite fixes its dimensions.
+    let mut other = dims.clone();
+    *other.last_mut().expect("rank > 0") += 1;
+    let err = load(&digits, &[], &[&format!("{}={}", spec.name, text(&other))]).expect_err("refused");
+    assert!(matches!(err, LoadError::InputShape { .. }), "{err}");
+
+    // Fixed to zeros, the model takes no input and answers as for zeros.
+    let fixed = load(&digits, &[&format!("{}={}", spec.name, zeros_json(&dims))], &[]).expect("fixed loads");
+    assert!(fixed.signature().inputs.is_empty(), "{:?}", fixed.signature());
+    let want = plain.run(plain.zero_inputs(1)).expect("runs");
+    let got = fixed.run(vec![]).expect("runs without inputs");
+    assert_eq!(got[0].shape, want[0].shape);
+    assert_eq!(f32s(&got[0]), f32s(&want[0]));
+
+    // An input the runtime quantizes at the edge is refused by name.
+    let int8 = tflite("digits_cnn_int8.tflite");
+    let name = load(&int8, &[], &[]).expect("loads").signature().inputs[0].name.clone();
+    let err = load(&int8, &[&format!("{name}={}", zeros_json(&dims))], &[]).expect_err("refused");
+    assert!(err.to_string().contains("quantizes"), "{err}");
 }
 
 #[test]

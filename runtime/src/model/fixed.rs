@@ -11,6 +11,10 @@
 //! fixed shape replaces the model's own dimensions before any symbol is
 //! given to them.
 //!
+//! ONNX is fixed on tract's untyped graph (where an `If` on a constant
+//! folds, see `apply_to_onnx`); TFLite, which tract-tflite hands over
+//! typed, on the typed graph (`apply_to_typed`).
+//!
 //! Values are parsed once, from text, into [`FixedInput`]: the element
 //! type is only known against a model, so the value keeps what the text
 //! said (booleans, integers, or floats) and is converted, with range checks,
@@ -240,6 +244,76 @@ pub(crate) fn apply_to_onnx(
         let remaining: Vec<OutletId> = model.inputs.iter().copied().filter(|o| !removed.contains(o)).collect();
         model.set_input_outlets(&remaining).map_err(prepare)?;
     }
+    for shape in shapes {
+        log::info!("input {:?} fixed to shape {:?}", shape.name, shape.dims);
+    }
+    Ok(())
+}
+
+/// The same for a graph a format hands over already typed (TFLite, read by
+/// tract-tflite): the source of a fixed shape is replaced by one with the
+/// given fact, a fixed input's source by a constant, and every fact
+/// downstream recomputed, before decluttering folds what became constant.
+/// `adapters` (one per graph input, possibly fewer) loses the fixed
+/// inputs' entries; an input the runtime quantizes at the edge cannot be
+/// fixed (its value would be given in one domain and read in another).
+pub(crate) fn apply_to_typed(
+    model: &mut TypedModel,
+    adapters: &mut Vec<super::InputAdapter>,
+    fixed: &[FixedInput],
+    shapes: &[InputShape],
+) -> Result<(), LoadError> {
+    use tract_onnx::tract_core::ops::source::TypedSource;
+
+    if fixed.is_empty() && shapes.is_empty() {
+        return Ok(());
+    }
+    check_distinct(fixed, shapes)?;
+    let names: Vec<String> = model.inputs.iter().map(|o| model.node(o.node).name.clone()).collect();
+    let index_of = |name: &str| {
+        names.iter().position(|n| n == name).ok_or_else(|| LoadError::UnknownInput {
+            name: name.to_string(),
+            known: names.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", "),
+        })
+    };
+    let prepare = |e: TractError| LoadError::Prepare { reason: format!("{e:#}") };
+    let declared = |fact: &TypedFact| ShapeFactoid::closed(fact.shape.iter().map(|d| GenericFactoid::Only(d.clone())).collect());
+    for shape in shapes {
+        let ix = index_of(&shape.name)?;
+        let fact = model.input_fact(ix).map_err(prepare)?.clone();
+        check_dims(&declared(&fact), &shape.dims)
+            .map_err(|reason| LoadError::InputShape { name: shape.name.clone(), reason })?;
+        let fact = fact.datum_type.fact(&shape.dims);
+        let outlet = model.inputs[ix];
+        model.node_mut(outlet.node).op = Box::new(TypedSource::new(fact.clone()));
+        model.set_outlet_fact(outlet, fact).map_err(prepare)?;
+    }
+    let mut removed = Vec::new();
+    for value in fixed {
+        let ix = index_of(&value.name)?;
+        let bad = |reason: String| LoadError::FixedInput { name: value.name.clone(), reason };
+        if adapters.get(ix).is_some_and(|a| *a != super::InputAdapter::Direct) {
+            return Err(bad("the runtime quantizes this input at the model's edge; fixing it is not supported".into()));
+        }
+        let fact = model.input_fact(ix).map_err(prepare)?.clone();
+        let shape = fixed_shape(&declared(&fact), value).map_err(bad)?;
+        let tensor = to_tensor(value, fact.datum_type, &shape).map_err(bad)?;
+        let outlet = model.inputs[ix];
+        let konst = Const::new(tensor.clone().into_arc_tensor()).map_err(prepare)?;
+        model.node_mut(outlet.node).op = Box::new(konst);
+        let fact = TypedFact::try_from(tensor).map_err(prepare)?;
+        model.set_outlet_fact(outlet, fact).map_err(prepare)?;
+        removed.push(outlet);
+        log::info!("input {:?} fixed to a constant of shape {:?}", value.name, shape);
+    }
+    if !removed.is_empty() {
+        let kept: Vec<bool> = model.inputs.iter().map(|o| !removed.contains(o)).collect();
+        let remaining: Vec<OutletId> = model.inputs.iter().copied().filter(|o| !removed.contains(o)).collect();
+        model.set_input_outlets(&remaining).map_err(prepare)?;
+        let mut keep = kept.into_iter();
+        adapters.retain(|_| keep.next().unwrap_or(true));
+    }
+    model.refresh_output_facts().map_err(prepare)?;
     for shape in shapes {
         log::info!("input {:?} fixed to shape {:?}", shape.name, shape.dims);
     }

@@ -11,8 +11,11 @@
 //!   dequantize ops at the edges, and `PRELU` are rewritten before tract sees
 //!   the flatbuffer, see [`tflite`].
 //!
-//! Input facts come from the model itself. A dimension the model leaves free
-//! becomes a symbol, so one loaded model serves batch 1 and batch N. A model
+//! Input facts come from the model itself, unless [`LoadOptions`] fixes an
+//! input to a constant or gives its dimensions (see [`fixed`]). A dimension
+//! the model leaves free becomes a symbol, so one loaded model serves batch
+//! 1 and batch N; an ONNX model that cannot load that way is loaded with its
+//! batch fixed at 1 instead ([`BatchMode::FixedFallback`]). A model
 //! whose batch is fixed at 1 (common in TFLite) is run row by row when given
 //! a larger batch, so callers never need to know the difference.
 
@@ -135,8 +138,6 @@ pub enum LoadError {
     FixedInput { name: String, reason: String },
     #[error("cannot give input {name:?} that shape: {reason}")]
     InputShape { name: String, reason: String },
-    #[error("fixed inputs and shapes are not supported for {format} models yet")]
-    FixingUnsupported { format: &'static str },
 }
 
 impl LoadError {
@@ -287,12 +288,14 @@ impl Model {
         let prepared = match format {
             ModelFormat::Onnx => onnx::load(bytes, &options.fixed_inputs, &options.input_shapes, fixed_batch)?,
             ModelFormat::Tflite => {
-                // tract-tflite hands over an already typed graph: there is
-                // no untyped stage to fix inputs in (see `fixed`).
-                if !options.fixed_inputs.is_empty() || !options.input_shapes.is_empty() {
-                    return Err(LoadError::FixingUnsupported { format: "TFLite" });
-                }
-                tflite::load(bytes)?
+                let mut prepared = tflite::load(bytes)?;
+                fixed::apply_to_typed(
+                    &mut prepared.model,
+                    &mut prepared.inputs,
+                    &options.fixed_inputs,
+                    &options.input_shapes,
+                )?;
+                prepared
             }
         };
         let decluttered = prepared.model.into_decluttered().map_err(prepare_err)?;
