@@ -195,6 +195,15 @@ impl std::fmt::Display for InputShape {
     }
 }
 
+/// The position of the graph input called `name` among `names`, or the
+/// error that lists the inputs the model has.
+fn input_index(names: &[String], name: &str) -> Result<usize, LoadError> {
+    names.iter().position(|n| n == name).ok_or_else(|| LoadError::UnknownInput {
+        name: name.to_string(),
+        known: names.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", "),
+    })
+}
+
 /// Applies fixed shapes, then fixed inputs, to an ONNX model as tract read
 /// it, before any free dimension gets a symbol and before typing (where an
 /// `If` on a constant condition folds).
@@ -208,12 +217,7 @@ pub(crate) fn apply_to_onnx(
     }
     check_distinct(fixed, shapes)?;
     let names: Vec<String> = model.inputs.iter().map(|o| model.node(o.node).name.clone()).collect();
-    let index_of = |name: &str| {
-        names.iter().position(|n| n == name).ok_or_else(|| LoadError::UnknownInput {
-            name: name.to_string(),
-            known: names.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", "),
-        })
-    };
+    let index_of = |name: &str| input_index(&names, name);
     let prepare = |e: TractError| LoadError::Prepare { reason: format!("{e:#}") };
     for shape in shapes {
         let ix = index_of(&shape.name)?;
@@ -270,12 +274,7 @@ pub(crate) fn apply_to_typed(
     }
     check_distinct(fixed, shapes)?;
     let names: Vec<String> = model.inputs.iter().map(|o| model.node(o.node).name.clone()).collect();
-    let index_of = |name: &str| {
-        names.iter().position(|n| n == name).ok_or_else(|| LoadError::UnknownInput {
-            name: name.to_string(),
-            known: names.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", "),
-        })
-    };
+    let index_of = |name: &str| input_index(&names, name);
     let prepare = |e: TractError| LoadError::Prepare { reason: format!("{e:#}") };
     let declared = |fact: &TypedFact| ShapeFactoid::closed(fact.shape.iter().map(|d| GenericFactoid::Only(d.clone())).collect());
     for shape in shapes {
