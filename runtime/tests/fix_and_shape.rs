@@ -5,6 +5,8 @@
 
 mod server_support;
 
+use server_support::{node, value_info, Dim};
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,50 +18,9 @@ use outpost_runtime::tensor::{TensorData, TensorValues};
 use prost::Message;
 use serde_json::{json, Value};
 use tract_onnx::pb::{
-    attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto, AttributeProto,
-    GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+    attribute_proto::AttributeType, tensor_proto::DataType, type_proto, AttributeProto,
+    GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TypeProto, ValueInfoProto,
 };
-
-/// A dimension of a declared input or output: fixed, or named (free).
-enum Dim {
-    Fixed(i64),
-    Named(&'static str),
-}
-
-fn value_info(name: &str, t: DataType, dims: &[Dim]) -> ValueInfoProto {
-    let dim = dims
-        .iter()
-        .map(|d| tensor_shape_proto::Dimension {
-            denotation: String::new(),
-            value: Some(match d {
-                Dim::Fixed(d) => tensor_shape_proto::dimension::Value::DimValue(*d),
-                Dim::Named(n) => tensor_shape_proto::dimension::Value::DimParam(n.to_string()),
-            }),
-        })
-        .collect();
-    ValueInfoProto {
-        name: name.into(),
-        r#type: Some(TypeProto {
-            denotation: String::new(),
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: t as i32,
-                shape: Some(TensorShapeProto { dim }),
-            })),
-        }),
-        doc_string: String::new(),
-    }
-}
-
-fn node(op: &str, inputs: &[&str], output: &str, attribute: Vec<AttributeProto>) -> NodeProto {
-    NodeProto {
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: vec![output.into()],
-        name: format!("{op}_{output}"),
-        op_type: op.into(),
-        attribute,
-        ..Default::default()
-    }
-}
 
 fn ints(name: &str, values: &[i64]) -> AttributeProto {
     AttributeProto { name: name.into(), r#type: AttributeType::Ints as i32, ints: values.to_vec(), ..Default::default() }

@@ -60,43 +60,8 @@ pub fn start_with(name: &str) -> RunningServer {
 /// `y = x + float(k)` FP32 [N,2], `z = m * m` INT32 [N,1], `k2 = k + k` INT64 [N,2].
 pub fn multi_input_model() -> Deployed {
     use prost::Message;
-    use tract_onnx::pb::{
-        attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto, AttributeProto,
-        GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorShapeProto, TypeProto, ValueInfoProto,
-    };
-    fn value(name: &str, t: DataType, dims: &[Option<i64>]) -> ValueInfoProto {
-        let dim = dims
-            .iter()
-            .map(|d| tensor_shape_proto::Dimension {
-                denotation: String::new(),
-                value: Some(match d {
-                    Some(d) => tensor_shape_proto::dimension::Value::DimValue(*d),
-                    None => tensor_shape_proto::dimension::Value::DimParam("N".into()),
-                }),
-            })
-            .collect();
-        ValueInfoProto {
-            name: name.into(),
-            r#type: Some(TypeProto {
-                denotation: String::new(),
-                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                    elem_type: t as i32,
-                    shape: Some(TensorShapeProto { dim }),
-                })),
-            }),
-            doc_string: String::new(),
-        }
-    }
-    fn node(op: &str, inputs: &[&str], output: &str, attribute: Vec<AttributeProto>) -> NodeProto {
-        NodeProto {
-            input: inputs.iter().map(|s| s.to_string()).collect(),
-            output: vec![output.into()],
-            name: format!("{op}_{output}"),
-            op_type: op.into(),
-            attribute,
-            ..Default::default()
-        }
-    }
+    use tract_onnx::pb::{attribute_proto::AttributeType, tensor_proto::DataType, AttributeProto, GraphProto, ModelProto, OperatorSetIdProto};
+    use Dim::{Fixed, Named};
     let cast = AttributeProto {
         name: "to".into(),
         r#type: AttributeType::Int as i32,
@@ -112,14 +77,14 @@ pub fn multi_input_model() -> Deployed {
             node("Add", &["k", "k"], "k2", vec![]),
         ],
         input: vec![
-            value("x", DataType::Float, &[None, Some(2)]),
-            value("k", DataType::Int64, &[None, Some(2)]),
-            value("m", DataType::Int32, &[None, Some(1)]),
+            value_info("x", DataType::Float, &[Named("N"), Fixed(2)]),
+            value_info("k", DataType::Int64, &[Named("N"), Fixed(2)]),
+            value_info("m", DataType::Int32, &[Named("N"), Fixed(1)]),
         ],
         output: vec![
-            value("y", DataType::Float, &[None, Some(2)]),
-            value("z", DataType::Int32, &[None, Some(1)]),
-            value("k2", DataType::Int64, &[None, Some(2)]),
+            value_info("y", DataType::Float, &[Named("N"), Fixed(2)]),
+            value_info("z", DataType::Int32, &[Named("N"), Fixed(1)]),
+            value_info("k2", DataType::Int64, &[Named("N"), Fixed(2)]),
         ],
         ..Default::default()
     };
@@ -134,6 +99,57 @@ pub fn multi_input_model() -> Deployed {
     let model = Model::from_bytes(&bytes, ModelFormat::Onnx, &LoadOptions::default()).expect("multi-input model loads");
     let info = ModelInfo::for_plain_file(std::path::Path::new("multi.onnx"), &bytes, ModelFormat::Onnx);
     Deployed::new(model, info)
+}
+
+// ------------------------------------------------------------ ONNX in code
+
+/// A dimension of a declared input or output: fixed, or named (free).
+pub enum Dim {
+    Fixed(i64),
+    Named(&'static str),
+}
+
+/// A declared graph input or output of element type `t`.
+pub fn value_info(name: &str, t: tract_onnx::pb::tensor_proto::DataType, dims: &[Dim]) -> tract_onnx::pb::ValueInfoProto {
+    use tract_onnx::pb::{tensor_shape_proto, type_proto, TensorShapeProto, TypeProto, ValueInfoProto};
+    let dim = dims
+        .iter()
+        .map(|d| tensor_shape_proto::Dimension {
+            denotation: String::new(),
+            value: Some(match d {
+                Dim::Fixed(d) => tensor_shape_proto::dimension::Value::DimValue(*d),
+                Dim::Named(n) => tensor_shape_proto::dimension::Value::DimParam(n.to_string()),
+            }),
+        })
+        .collect();
+    ValueInfoProto {
+        name: name.into(),
+        r#type: Some(TypeProto {
+            denotation: String::new(),
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: t as i32,
+                shape: Some(TensorShapeProto { dim }),
+            })),
+        }),
+        doc_string: String::new(),
+    }
+}
+
+/// One node of `op`, named after its output.
+pub fn node(
+    op: &str,
+    inputs: &[&str],
+    output: &str,
+    attribute: Vec<tract_onnx::pb::AttributeProto>,
+) -> tract_onnx::pb::NodeProto {
+    tract_onnx::pb::NodeProto {
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        name: format!("{op}_{output}"),
+        op_type: op.into(),
+        attribute,
+        ..Default::default()
+    }
 }
 
 // ------------------------------------------------------------------ client
