@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use outpost_runtime::drift::{DriftMonitor, MonitorConfig, OutputValues, ReferenceOptions, ReferenceOutput, ReferenceSketch};
 use outpost_runtime::server::{ModelSlot, ServerConfig};
 use outpost_runtime::tensor::{TensorData, TensorValues};
 use serde_json::json;
@@ -369,23 +368,7 @@ fn promtool_check(text: &str) -> Option<(bool, String)> {
 
 #[test]
 fn drift_report_and_gauges_come_from_the_models_monitor() {
-    let (train, _) = bc_train_rows();
-    let base = deployed("bc_mlp.onnx");
-    // Reference outputs: the model's labels on the training rows.
-    let flat: Vec<f32> = train.iter().flatten().copied().collect();
-    let out = base.model().run(vec![TensorData::f32(vec![train.len(), 30], flat).expect("shape")]).expect("runs");
-    let TensorValues::I64(labels) = &out[0].values else { panic!("labels") };
-    let names: Vec<String> = (0..30).map(|i| format!("f{i}")).collect();
-    let reference = ReferenceSketch::from_samples(
-        &names,
-        &train,
-        &[ReferenceOutput { name: "output_label".into(), values: OutputValues::Classes(labels.clone()) }],
-        &ReferenceOptions::default(),
-    )
-    .expect("reference");
-    let monitor = Arc::new(DriftMonitor::new(Arc::new(reference), MonitorConfig::default()).expect("monitor"));
-    let deployed = base.with_drift(monitor.clone()).expect("the reference fits the model");
-    let server = start(Arc::new(ModelSlot::with(deployed)), config());
+    let (server, _monitor) = start_with_drift();
     let addr = server.local_addr();
 
     let (rows, _) = bc_test_rows();

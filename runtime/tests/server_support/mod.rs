@@ -55,6 +55,29 @@ pub fn start_with(name: &str) -> RunningServer {
     start(Arc::new(ModelSlot::with(deployed(name))), config())
 }
 
+/// bc_mlp with a drift monitor whose reference is the training rows and the
+/// model's own labels on them, served with the test config.
+pub fn start_with_drift() -> (RunningServer, Arc<outpost_runtime::drift::DriftMonitor>) {
+    use outpost_runtime::drift::{DriftMonitor, MonitorConfig, OutputValues, ReferenceOptions, ReferenceOutput, ReferenceSketch};
+    use outpost_runtime::tensor::{TensorData, TensorValues};
+    let (train, _) = bc_train_rows();
+    let base = deployed("bc_mlp.onnx");
+    let flat: Vec<f32> = train.iter().flatten().copied().collect();
+    let out = base.model().run(vec![TensorData::f32(vec![train.len(), 30], flat).expect("shape")]).expect("runs");
+    let TensorValues::I64(labels) = &out[0].values else { panic!("bc_mlp's labels are i64") };
+    let names: Vec<String> = (0..30).map(|i| format!("f{i}")).collect();
+    let reference = ReferenceSketch::from_samples(
+        &names,
+        &train,
+        &[ReferenceOutput { name: "output_label".into(), values: OutputValues::Classes(labels.clone()) }],
+        &ReferenceOptions::default(),
+    )
+    .expect("reference");
+    let monitor = Arc::new(DriftMonitor::new(Arc::new(reference), MonitorConfig::default()).expect("monitor"));
+    let deployed = base.with_drift(monitor.clone()).expect("the reference fits the model");
+    (start(Arc::new(ModelSlot::with(deployed)), config()), monitor)
+}
+
 /// A three-input model exercising every v2 datatype the tests need:
 /// `x` FP32 [N,2], `k` INT64 [N,2], `m` INT32 [N,1] →
 /// `y = x + float(k)` FP32 [N,2], `z = m * m` INT32 [N,1], `k2 = k + k` INT64 [N,2].
