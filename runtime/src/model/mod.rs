@@ -493,22 +493,25 @@ impl Model {
         Ok(())
     }
 
-    fn run_once(&self, inputs: &[TensorData]) -> Result<Vec<TensorData>, RunError> {
+    /// The plan for these inputs' batch and the inputs converted to what
+    /// that plan takes: the first half of every call (and of a profile).
+    fn prepare_call(&self, inputs: &[TensorData]) -> Result<(Arc<plans::PlanSlot>, TVec<TValue>), RunError> {
         let slot = match inputs.first() {
             Some(first) if self.native_batch => self.plans.for_batch(first.batch_len()),
             _ => self.plans.generic().clone(),
         };
+        let inference = |e: TractError| RunError::Inference(format!("{e:#}"));
         let mut tract_inputs: TVec<TValue> = TVec::with_capacity(inputs.len());
         for (ix, t) in inputs.iter().enumerate() {
-            let fact = slot
-                .plan
-                .model()
-                .input_fact(ix)
-                .map_err(|e| RunError::Inference(format!("{e:#}")))?;
-            let tensor = convert::to_tract(t, fact.datum_type, &self.inputs[ix])
-                .map_err(|e| RunError::Inference(format!("{e:#}")))?;
+            let fact = slot.plan.model().input_fact(ix).map_err(inference)?;
+            let tensor = convert::to_tract(t, fact.datum_type, &self.inputs[ix]).map_err(inference)?;
             tract_inputs.push(tensor.into_tvalue());
         }
+        Ok((slot, tract_inputs))
+    }
+
+    fn run_once(&self, inputs: &[TensorData]) -> Result<Vec<TensorData>, RunError> {
+        let (slot, tract_inputs) = self.prepare_call(inputs)?;
         let mut state = slot.take_state().map_err(|e| RunError::Inference(format!("{e:#}")))?;
         // A panic in tract (an operator meeting values its checks did not
         // foresee) fails this call only; the state it left half-written is

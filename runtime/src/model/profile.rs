@@ -55,17 +55,8 @@ impl Model {
             inputs
         };
         let rows_per_call = inputs.first().map(TensorData::batch_len).unwrap_or(1);
-        let slot = match inputs.first() {
-            Some(first) if self.native_batch => self.plans.for_batch(first.batch_len()),
-            _ => self.plans.generic().clone(),
-        };
         let inference = |e: TractError| RunError::Inference(format!("{e:#}"));
-        let mut tract_inputs: TVec<TValue> = TVec::with_capacity(inputs.len());
-        for (ix, t) in inputs.iter().enumerate() {
-            let fact = slot.plan.model().input_fact(ix).map_err(inference)?;
-            let tensor = convert::to_tract(t, fact.datum_type, &self.inputs[ix]).map_err(inference)?;
-            tract_inputs.push(tensor.into_tvalue());
-        }
+        let (slot, tract_inputs) = self.prepare_call(&inputs)?;
         let graph = slot.plan.model();
         let mut totals = vec![(Duration::ZERO, 0u64); graph.nodes.len()];
         // A fresh state, not a pooled one: a failed profile must not hand a
