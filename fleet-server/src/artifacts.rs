@@ -25,12 +25,8 @@ use outpost_runtime::protocol::{ChunkReply, ChunkRequest};
 use crate::bundles::{BundleStore, StoreError};
 use crate::config::ArtifactLimits;
 use crate::metrics::Metrics;
+use crate::rate_limit::{Bucket, Rate};
 use crate::registry::Registry;
-
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
 
 pub struct Artifacts {
     store: BundleStore,
@@ -58,16 +54,8 @@ impl Artifacts {
     fn admit(&self, device: &str) -> bool {
         let Ok(mut buckets) = self.buckets.lock() else { return true };
         let now = Instant::now();
-        let burst = f64::from(self.limits.burst);
-        let b = buckets.entry(device.to_string()).or_insert(Bucket { tokens: burst, at: now });
-        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * f64::from(self.limits.requests_per_second)).min(burst);
-        b.at = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        let rate = Rate { per_second: f64::from(self.limits.requests_per_second), burst: f64::from(self.limits.burst) };
+        buckets.entry(device.to_string()).or_insert_with(|| Bucket::full(rate, now)).take(rate, now)
     }
 
     fn is_published(&self, sha: &str) -> bool {

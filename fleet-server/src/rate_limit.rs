@@ -76,18 +76,21 @@ impl DeviceRates {
     }
 }
 
+/// One token bucket (also the artifact server's per-device chunk limit).
 #[derive(Clone, Copy, Debug)]
-struct Bucket {
+pub(crate) struct Bucket {
     tokens: f64,
     at: Instant,
 }
 
 impl Bucket {
-    fn full(rate: Rate, now: Instant) -> Bucket {
+    pub(crate) fn full(rate: Rate, now: Instant) -> Bucket {
         Bucket { tokens: rate.burst, at: now }
     }
 
-    fn take(&mut self, rate: Rate, now: Instant) -> bool {
+    /// Refills for the time since the last call, then takes one token if
+    /// there is one.
+    pub(crate) fn take(&mut self, rate: Rate, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
         self.tokens = (self.tokens + elapsed * rate.per_second).min(rate.burst);
         self.at = now;
